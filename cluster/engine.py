@@ -1,0 +1,179 @@
+"""One model instance on a Ray cluster: a router actor and its expert actors in one placement group."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import Completion, ExpertActor, Prompt, RouterActor
+from cluster.config import EngineConfig
+from experts.checkpoint import CheckpointReader
+from router.config import ModelConfig
+from router.sampling import SamplingParams
+
+
+def ensure_ray(required_cpus: float = 1.0) -> bool:
+    """Joins the cluster at RAY_ADDRESS, else starts a local one. Returns True if this call started Ray.
+
+    A local cluster advertises at least the CPUs one engine needs, so that a small machine can still
+    host a multi-shard demo (threads per actor are capped separately from this logical count).
+    """
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return False
+    cpus = max(os.cpu_count() or 1, math.ceil(required_cpus))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+class Engine:
+    """`Engine(model_path, expert_shards=N)` or `Engine(EngineConfig(...))`; also a context manager."""
+
+    def __init__(self, config: EngineConfig | str | Path, **options: Any) -> None:
+        if not isinstance(config, EngineConfig):
+            config = EngineConfig(model_path=Path(config), **options)
+        elif options:
+            config = config.model_copy(update=options)
+        _check_checkpoint(config)
+        required = config.router_cpus + config.expert_shards * config.expert_cpus
+        self._started_ray = ensure_ray(required)
+        self.use_gpu = _resolve_gpu(config)
+        self.config = config.model_copy(update={"device": "cuda" if self.use_gpu else "cpu"})
+        self._pg: PlacementGroup | None = None
+        self._serving: list[ray.ObjectRef] = []
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        cfg, gpu = self.config, self.use_gpu
+        bundles = [{"CPU": cfg.router_cpus, **({"GPU": 1} if gpu else {})}] + [
+            {"CPU": cfg.expert_cpus, **({"GPU": 1} if gpu else {})} for _ in range(cfg.expert_shards)
+        ]
+        self._pg = placement_group(bundles, strategy=cfg.placement_strategy, name="")
+        ray.get(self._pg.ready(), timeout=cfg.ready_timeout_s)
+
+        def in_bundle(index: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index)
+            return {
+                "scheduling_strategy": strategy,
+                "num_cpus": bundles[index]["CPU"],
+                "num_gpus": bundles[index].get("GPU", 0),
+            }
+
+        self.router = RouterActor.options(**in_bundle(0)).remote(cfg, gpu)
+        self.experts = [
+            ExpertActor.options(max_concurrency=2, **in_bundle(i + 1)).remote(cfg, i, gpu)
+            for i in range(cfg.expert_shards)
+        ]
+        ray.get(
+            [self.router.info.remote(), *(e.info.remote() for e in self.experts)], timeout=cfg.ready_timeout_s
+        )
+        rendezvous = ray.get(self.router.rendezvous.remote())
+        world = cfg.expert_shards + 1
+        self._serving = [e.serve.remote(rendezvous, world) for e in self.experts]
+        connected = self.router.connect.remote(rendezvous)
+        ready, _ = ray.wait([connected, *self._serving], num_returns=1, timeout=cfg.ready_timeout_s)
+        if not ready:
+            raise TimeoutError(f"expert group did not form within {cfg.ready_timeout_s} s")
+        ray.get(ready)  # an expert that failed to join raises here
+        ray.get(connected, timeout=cfg.ready_timeout_s)
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> list[Completion]:
+        """A prompt is text or a list of token ids; returns one Completion per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
+        return _get(self.router.generate.remote(list(prompts), [params] * len(prompts)))
+
+    def logits(self, token_ids: Prompt) -> torch.Tensor:
+        """fp32 prefill logits [len, vocab] for one prompt."""
+        return _get(self.router.logits.remote(token_ids))
+
+    def stats(self, reset: bool = False) -> dict:
+        """The router's step and exchange counters (see RouterActor.stats); reset=True zeroes them."""
+        return ray.get(self.router.stats.remote(reset))
+
+    def info(self) -> dict:
+        return {
+            "router": ray.get(self.router.info.remote()),
+            "experts": ray.get([e.info.remote() for e in self.experts]),
+        }
+
+    def shutdown(self) -> None:
+        router = getattr(self, "router", None)
+        if router is not None and self._serving:
+            try:
+                ray.get(router.stop.remote(), timeout=30)
+                ray.get(self._serving, timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass  # actors are killed below either way
+        for actor in [router, *getattr(self, "experts", [])]:
+            if actor is not None:
+                ray.kill(actor)
+        self.router, self.experts, self._serving = None, [], []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _check_checkpoint(config: EngineConfig) -> None:
+    """Fails in the caller's process, before any actor starts, on a checkpoint no actor could load."""
+    model = ModelConfig.from_model_dir(config.model_path)
+    CheckpointReader(config.model_path)
+    if config.expert_shards > model.num_experts:
+        raise ValueError(
+            f"expert_shards={config.expert_shards} exceeds the model's {model.num_experts} experts"
+        )
+
+
+def _get(ref: ray.ObjectRef) -> Any:
+    """ray.get that raises a request's own error (bad input) as itself, not wrapped in Ray's."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ValueError):
+            raise err.cause from None
+        raise
+
+
+def _resolve_gpu(config: EngineConfig) -> bool:
+    if config.device != "auto":
+        return config.device == "cuda"
+    return ray.cluster_resources().get("GPU", 0) >= config.expert_shards + 1

@@ -1,0 +1,156 @@
+"""One shard's routed experts: loading them from a checkpoint and their SwiGLU compute."""
+
+import torch
+import torch.nn.functional as F
+
+from experts.checkpoint import CheckpointError, CheckpointReader
+
+
+class ExpertShard:
+    """The routed experts one shard owns, for every MoE layer, and their SwiGLU compute."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> None:
+        """Per MoE layer (list index = MoE layer ordinal): gate_up [E_local, 2*I, H], whose first I output
+        rows are gate_proj and next I up_proj, and down [E_local, H, I]."""
+        if not gate_up or len(gate_up) != len(down):
+            raise ValueError(
+                f"need one gate_up and one down per MoE layer, got {len(gate_up)} and {len(down)}"
+            )
+        num_local, two_i, hidden = gate_up[0].shape
+        if two_i % 2:
+            raise ValueError(f"gate_up output size {two_i} is not even")
+        for layer, (gu, dn) in enumerate(zip(gate_up, down, strict=True)):
+            if gu.shape != (num_local, two_i, hidden) or dn.shape != (num_local, hidden, two_i // 2):
+                raise ValueError(
+                    f"MoE layer {layer}: gate_up {tuple(gu.shape)} and down {tuple(dn.shape)} do not match "
+                    f"gate_up ({num_local}, {two_i}, {hidden}) and down ({num_local}, {hidden}, {two_i // 2})"
+                )
+        self.gate_up = gate_up
+        self.down = down
+        self.num_layers = len(gate_up)
+        self.num_local_experts = num_local
+        self.hidden_size = hidden
+        self.intermediate_size = two_i // 2
+
+    @classmethod
+    def load(
+        cls, reader: CheckpointReader, layers: list[int], expert_ids: list[int], dtype: torch.dtype
+    ) -> "ExpertShard":
+        """Load experts `expert_ids` (global ids, in local order) of decoder layers `layers` (the MoE
+        layers, in order), reading only those experts' tensors, straight into `dtype` buffers.
+
+        A layer is fused (`experts.gate_up_proj` [num_experts, 2I, H], `experts.down_proj`
+        [num_experts, H, I]) when its `experts.gate_up_proj` exists, else per expert
+        (`experts.{E}.{gate,up,down}_proj.weight`).
+        """
+        if not layers or not expert_ids:
+            raise ValueError(
+                f"need at least one layer and one expert, got layers={layers} experts={expert_ids}"
+            )
+        inter, hidden = _dims(reader, layers[0], expert_ids[0])
+        gate_up, down = [], []
+        for layer in layers:
+            gu = torch.empty(len(expert_ids), 2 * inter, hidden, dtype=dtype)
+            dn = torch.empty(len(expert_ids), hidden, inter, dtype=dtype)
+            prefix = f"model.layers.{layer}.mlp.experts"
+            if reader.has(f"{prefix}.gate_up_proj"):
+                _load_fused(reader, prefix, expert_ids, gu, dn)
+            else:
+                _load_per_expert(reader, prefix, expert_ids, gu, dn)
+            gate_up.append(gu)
+            down.append(dn)
+        return cls(gate_up, down)
+
+    def to(self, device: torch.device) -> "ExpertShard":
+        return ExpertShard([t.to(device) for t in self.gate_up], [t.to(device) for t in self.down])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+
+    def forward(
+        self, layer: int, rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """rows [R, H] in the weights' dtype; local_ids [R, k] int64, -1 for an empty slot; weights [R, k].
+
+        Returns [R, H] in rows.dtype: per row, the sum over its valid slots of
+        weight * down(silu(gate(x)) * up(x)).
+        """
+        gate_up, down = self.gate_up[layer], self.down[layer]
+        out = torch.zeros_like(rows)
+        flat_ids = local_ids.reshape(-1)
+        pairs = (flat_ids >= 0).nonzero().squeeze(1)
+        if pairs.numel() == 0:
+            return out
+        order = torch.argsort(flat_ids[pairs], stable=True)
+        pairs = pairs[order]
+        counts = torch.bincount(flat_ids[pairs], minlength=self.num_local_experts).tolist()
+        if len(counts) > self.num_local_experts:
+            raise ValueError(f"local expert id {len(counts) - 1} >= {self.num_local_experts} local experts")
+        tokens = pairs // local_ids.shape[1]
+        x = rows[tokens]
+        y = torch.empty_like(x)
+        start = 0
+        active = [(expert, count) for expert, count in enumerate(counts) if count]
+        for expert, count in active:
+            end = start + count
+            gate, up = F.linear(x[start:end], gate_up[expert]).chunk(2, dim=-1)
+            y[start:end] = F.linear(F.silu(gate) * up, down[expert])
+            start = end
+        y *= weights.reshape(-1)[pairs].to(y.dtype).unsqueeze(1)
+        return out.index_add_(0, tokens, y)
+
+
+def _dims(reader: CheckpointReader, layer: int, expert: int) -> tuple[int, int]:
+    """(intermediate, hidden) sizes of the experts, from one of `layer`'s expert tensors."""
+    fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    if reader.has(fused):
+        shape = reader.shape(fused)
+        if len(shape) != 3 or shape[1] % 2:
+            raise CheckpointError(
+                f"tensor {fused} in {reader.model_dir}: expected shape (num_experts, 2*I, H), found {shape}"
+            )
+        return shape[1] // 2, shape[2]
+    name = f"model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight"
+    shape = reader.shape(name)
+    if len(shape) != 2:
+        raise CheckpointError(f"tensor {name} in {reader.model_dir}: expected shape (I, H), found {shape}")
+    return shape[0], shape[1]
+
+
+def _load_fused(
+    reader: CheckpointReader, prefix: str, expert_ids: list[int], gate_up: torch.Tensor, down: torch.Tensor
+) -> None:
+    gu_name, dn_name = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+    num_experts = reader.shape(gu_name)[0]
+    _check_shape(reader, gu_name, (num_experts, *gate_up.shape[1:]))
+    _check_shape(reader, dn_name, (num_experts, *down.shape[1:]))
+    if max(expert_ids) >= num_experts:
+        raise CheckpointError(
+            f"tensor {gu_name} holds {num_experts} experts, expert {max(expert_ids)} requested"
+        )
+    reader.get_rows(gu_name, expert_ids, out=gate_up)
+    reader.get_rows(dn_name, expert_ids, out=down)
+
+
+def _load_per_expert(
+    reader: CheckpointReader, prefix: str, expert_ids: list[int], gate_up: torch.Tensor, down: torch.Tensor
+) -> None:
+    inter = down.shape[2]
+    for local, expert in enumerate(expert_ids):
+        targets = {
+            "gate_proj": gate_up[local, :inter],
+            "up_proj": gate_up[local, inter:],
+            "down_proj": down[local],
+        }
+        for part, target in targets.items():
+            name = f"{prefix}.{expert}.{part}.weight"
+            _check_shape(reader, name, tuple(target.shape))
+            target.copy_(reader.get(name))
+
+
+def _check_shape(reader: CheckpointReader, name: str, expected: tuple[int, ...]) -> None:
+    found = reader.shape(name)
+    if found != expected:
+        raise CheckpointError(
+            f"tensor {name} in {reader.model_dir}: expected shape {expected}, found {found}"
+        )

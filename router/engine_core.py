@@ -1,0 +1,180 @@
+"""The router's engine loop: admit requests, run steps, sample, finish sequences."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from router.config import ModelConfig
+from router.exchange import RoutedExperts
+from router.kv_cache import KVCache, SequenceBlocks
+from router.model import AfmoeRouterModel
+from router.sampling import SamplingParams, SamplingState, sample
+from router.scheduler import Scheduler, SchedulerConfig
+from router.sequence import Sequence
+
+
+class InvalidRequest(ValueError):
+    """A request that can never be served as given (the message says which field and why)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finish_reason: str | None
+
+
+class EngineCore:
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: AfmoeRouterModel,
+        cache: KVCache,
+        experts: RoutedExperts,
+        scheduler_config: SchedulerConfig,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.cache = cache
+        self.experts = experts
+        self.scheduler = Scheduler(scheduler_config, cache)
+        self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
+        self.eos_token_ids = frozenset(eos_token_ids or config.eos_token_ids)
+        self.sequences: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.steps = 0  # model forwards run by step(), and their accumulated wall time
+        self.step_seconds = 0.0
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
+                "and at least one token must be generated"
+            )
+        needed = self.cache.blocks_for(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if needed > self.cache.full_blocks.num_blocks:
+            raise InvalidRequest(
+                f"prompt + max_tokens needs {needed} KV blocks, the whole cache has "
+                f"{self.cache.full_blocks.num_blocks}"
+            )
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(
+            request_id,
+            list(prompt_ids),
+            SamplingState.for_request(params),
+            max_len=min(len(prompt_ids) + params.max_tokens, self.max_model_len),
+        )
+        self.scheduler.add(seq)
+        self.sequences[request_id] = seq
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        tokens, logits_rows, offset = [], [], 0
+        for seq, start, n, samples in zip(step.seqs, step.starts, step.lengths, step.samples, strict=True):
+            tokens.extend(seq.token_slice(start, start + n))
+            offset += n
+            if samples:
+                logits_rows.append(offset - 1)
+        device = self.cache.device
+        batch = self.cache.build(step.starts, step.lengths, [s.blocks for s in step.seqs])
+        started = time.perf_counter()
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.int64, device=device),
+            batch,
+            self.cache,
+            self.experts,
+            torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        )
+        self.step_seconds += time.perf_counter() - started
+        self.steps += 1
+        for seq, n in zip(step.seqs, step.lengths, strict=True):
+            seq.num_computed += n
+        sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]
+        if not sampled:
+            return []
+        new_ids = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) for s in sampled]).tolist()
+        return [self._append(seq, token) for seq, token in zip(sampled, new_ids, strict=True)]
+
+    def _append(self, seq: Sequence, token: int) -> TokenEvent:
+        seq.output_ids.append(token)
+        params = seq.sampling.params
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq, reason)
+            self.sequences.pop(seq.request_id, None)
+        return TokenEvent(seq.request_id, token, reason)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
+        """Runs the given prompts to completion, batched; other queued work runs alongside."""
+        for prompt, p in zip(prompts, params, strict=True):
+            self.validate(prompt, p)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        seqs = [self.sequences[i] for i in ids]
+        while any(s.finish_reason is None for s in seqs):
+            self.step()
+        return seqs
+
+    @torch.inference_mode()
+    def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [len, vocab] for every position of one prompt (parity checks); leaves no state."""
+        self.validate(token_ids, SamplingParams(max_tokens=1))
+        if not self.cache.can_allocate(len(token_ids)):
+            raise InvalidRequest("the KV cache has no room for this prompt right now")
+        blocks: SequenceBlocks = self.cache.allocate(len(token_ids))
+        chunk = self.scheduler.config.max_num_batched_tokens
+        try:
+            out = []
+            for start in range(0, len(token_ids), chunk):
+                piece = token_ids[start : start + chunk]
+                batch = self.cache.build([start], [len(piece)], [blocks])
+                rows = torch.arange(len(piece), device=self.cache.device)
+                ids = torch.tensor(piece, dtype=torch.int64, device=self.cache.device)
+                out.append(self.model(ids, batch, self.cache, self.experts, rows))
+            return torch.cat(out).cpu()
+        finally:
+            self.cache.release(blocks)
+
+
+def default_cache_bytes(
+    config: ModelConfig, max_num_seqs: int, max_model_len: int, block_size: int, dtype: torch.dtype
+) -> int:
+    """Enough for max_num_seqs sequences of max_model_len tokens each, sliding rings included."""
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    sliding_layers = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
+    full_layers = config.num_hidden_layers - sliding_layers
+    full_tokens = math.ceil(max_model_len / block_size) * block_size
+    ring_tokens = math.ceil(max(config.sliding_window - 1, 1) / block_size) * block_size
+    per_seq = full_layers * full_tokens + sliding_layers * ring_tokens
+    return max_num_seqs * per_seq * per_token_layer

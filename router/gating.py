@@ -1,0 +1,42 @@
+"""Top-k expert selection.
+
+Each gating function maps fp32 router logits [T, E] to (expert ids [T, k] int64, weights [T, k] fp32).
+AFMoE is the only one a checkpoint selects today; softmax top-k (Mixtral, Qwen3-MoE) sits beside it
+so that grouped top-k (DeepSeek-V3) can join the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+GatingFn = Callable[[torch.Tensor, torch.Tensor | None, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def afmoe_sigmoid_topk(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select on sigmoid scores + bias; weigh by the unbiased scores, normalised, times route_scale."""
+    scores = torch.sigmoid(logits.float())
+    selection = scores + bias if bias is not None else scores
+    ids = torch.topk(selection, k=k, dim=-1).indices
+    weights = scores.gather(-1, ids)
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * route_scale
+    return ids, weights
+
+
+def softmax_topk(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral / Qwen3-MoE: softmax over all experts, top-k, renormalised."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k=k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True) * route_scale
+    return ids, weights
+
+
+GATING: dict[str, GatingFn] = {
+    "afmoe_sigmoid": afmoe_sigmoid_topk,
+    "softmax": softmax_topk,
+}

@@ -1,0 +1,92 @@
+"""Greedy and stochastic sampling for a whole batch in one pass.
+
+Randomness comes from a counter-based hash of (request seed, output position, token id) rather than
+a shared generator, so a seeded request draws the same tokens whatever else is in its batch, and
+no per-request generator forces a loop over rows.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class SamplingState:
+    """Per-sequence inputs of the sampler; `seed` is fixed when the request arrives."""
+
+    params: SamplingParams
+    seed: int = field(default=0)
+
+    @classmethod
+    def for_request(cls, params: SamplingParams) -> SamplingState:
+        seed = params.seed if params.seed is not None else secrets.randbits(31)
+        return cls(params, seed & MASK32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche mix on int64 holding 32-bit values (wrapping products keep the low bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [B, vocab], a pure function of each row's (seed, step)."""
+    row = _mix32((seeds * 0x9E3779B1 + steps) & MASK32)
+    ids = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    bits = _mix32((row[:, None] ^ _mix32(ids + 0x632BE5AB)[None, :]) & MASK32)
+    return (bits.double() + 0.5) / 4294967296.0
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState], steps: list[int]) -> torch.Tensor:
+    """logits [B, V] fp32; steps[i] = tokens row i has generated so far. Returns token ids [B]."""
+    device = logits.device
+    greedy = logits.argmax(-1)
+    temps = torch.tensor([s.params.temperature for s in states], dtype=torch.float32, device=device)
+    stochastic = temps > 0
+    if not bool(stochastic.any()):
+        return greedy
+    scaled = logits / temps.clamp(min=1e-6)[:, None]
+    vocab = logits.shape[1]
+    top_k = torch.tensor([s.params.top_k or vocab for s in states], device=device).clamp(max=vocab)
+    top_p = torch.tensor([s.params.top_p for s in states], dtype=torch.float32, device=device)
+    sorted_logits, order = scaled.sort(-1, descending=True)
+    rank = torch.arange(vocab, device=device)[None, :]
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop = (rank >= top_k[:, None]) | (mass_before >= top_p[:, None])
+    drop[:, 0] = False
+    filtered = scaled.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    seeds = torch.tensor([s.seed for s in states], dtype=torch.int64, device=device)
+    noise = uniform_noise(seeds, torch.tensor(steps, dtype=torch.int64, device=device), vocab)
+    # exponential race: argmax p / E with E ~ Exp(1) is a draw from p
+    race = filtered.softmax(-1).double() / (-noise.log())
+    return torch.where(stochastic, race.argmax(-1), greedy)

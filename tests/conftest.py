@@ -1,0 +1,98 @@
+"""Shared fixtures: one local Ray cluster per test session, checkpoints written by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from cluster.demo import write_afmoe_checkpoint, write_demo_model
+
+# Small AFMoE configs covering the architecture's switches (see test_parity.py for which is which).
+PARITY_CONFIGS: dict[str, dict] = {
+    "mup-gqa-untied-1dense": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_dense_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=10,
+        num_experts_per_tok=3,
+        num_shared_experts=1,
+        sliding_window=5,
+        global_attn_every_n_layers=2,
+        mup_enabled=True,
+        tie_word_embeddings=False,
+    ),
+    "mha-tied-0dense-top2": dict(
+        hidden_size=48,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_dense_layers=0,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=12,
+        num_experts=7,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        sliding_window=3,
+        global_attn_every_n_layers=3,
+        mup_enabled=False,
+        tie_word_embeddings=True,
+    ),
+    "mqa-2dense-top4-2shared": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=16,
+        num_hidden_layers=5,
+        num_dense_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=9,
+        num_experts_per_tok=4,
+        num_shared_experts=2,
+        sliding_window=6,
+        global_attn_every_n_layers=3,
+        mup_enabled=True,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the whole session; engines join it instead of starting their own.
+
+    It advertises 8 logical CPUs on this 2-core machine so that a router and 4 expert actors fit;
+    each actor still runs a single compute thread.
+    """
+    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: write_afmoe_checkpoint(root / name, cfg, seed=1) for name, cfg in PARITY_CONFIGS.items()}
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference: transformers' own forward, argmax, recomputed from scratch each step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]

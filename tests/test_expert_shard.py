@@ -1,0 +1,255 @@
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AfmoeConfig, AfmoeForCausalLM
+
+from experts.checkpoint import CheckpointError, CheckpointReader
+from experts.placement import ExpertPlacement
+from experts.shard import ExpertShard
+
+NUM_EXPERTS = 10
+TOP_K = 3
+MOE_LAYERS = [1, 2]  # num_hidden_layers=3 with num_dense_layers=1
+
+
+@dataclass
+class Checkpoints:
+    model: AfmoeForCausalLM
+    per_expert: Path
+    fused: Path
+    sharded: Path
+
+
+def _config() -> AfmoeConfig:
+    return AfmoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_dense_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+        num_shared_experts=1,
+        sliding_window=4,
+        global_attn_every_n_layers=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+def _fuse(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-expert tensors of every MoE layer replaced by stacked gate_up_proj / down_proj."""
+    fused = {n: t for n, t in tensors.items() if ".mlp.experts." not in n}
+    for layer in MOE_LAYERS:
+        prefix = f"model.layers.{layer}.mlp.experts"
+
+        def part(expert: int, name: str, prefix: str = prefix) -> torch.Tensor:
+            return tensors[f"{prefix}.{expert}.{name}.weight"]
+
+        experts = range(NUM_EXPERTS)
+        fused[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([part(e, "gate_proj"), part(e, "up_proj")]) for e in experts]
+        )
+        fused[f"{prefix}.down_proj"] = torch.stack([part(e, "down_proj") for e in experts])
+    return fused
+
+
+def _write_sharded(model_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    names = sorted(tensors)
+    half = len(names) // 2
+    files = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
+    for file, part in files.items():
+        save_file({n: tensors[n] for n in part}, model_dir / file)
+    weight_map = {n: file for file, part in files.items() for n in part}
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    torch.manual_seed(0)
+    model = AfmoeForCausalLM(_config()).eval()
+    with torch.no_grad():
+        # Default init (std 0.02) gives expert outputs ~1e-4; std 0.2 gives O(1), where 1e-5 means something.
+        for layer in MOE_LAYERS:
+            experts = model.model.layers[layer].mlp.experts
+            experts.gate_up_proj.normal_(0.0, 0.2)
+            experts.down_proj.normal_(0.0, 0.2)
+    per_expert = tmp_path_factory.mktemp("per_expert")
+    model.save_pretrained(per_expert)
+    tensors = load_file(per_expert / "model.safetensors")
+    assert f"model.layers.{MOE_LAYERS[0]}.mlp.experts.0.gate_proj.weight" in tensors
+    fused = tmp_path_factory.mktemp("fused")
+    save_file(_fuse(tensors), fused / "model.safetensors")
+    sharded = tmp_path_factory.mktemp("sharded")
+    _write_sharded(sharded, _fuse(tensors))
+    return Checkpoints(model, per_expert, fused, sharded)
+
+
+def _experts(model: AfmoeForCausalLM, layer: int) -> torch.nn.Module:
+    return model.model.layers[layer].mlp.experts
+
+
+def _routing(tokens: int, gen: torch.Generator, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k distinct experts per token, never expert `skip`, and positive routing weights."""
+    candidates = torch.tensor([e for e in range(NUM_EXPERTS) if e != skip])
+    scores = torch.rand(tokens, len(candidates), generator=gen)
+    index = candidates[scores.topk(TOP_K, dim=1).indices]
+    weights = torch.rand(tokens, TOP_K, generator=gen) + 0.1
+    return index, weights
+
+
+@pytest.mark.parametrize("strategy", ["contiguous", "round_robin"])
+def test_layouts_load_identical_weights(checkpoints: Checkpoints, strategy: str) -> None:
+    placement = ExpertPlacement(NUM_EXPERTS, 3, strategy)
+    for shard in range(3):
+        ids = placement.experts_of(shard)
+        loaded = [
+            ExpertShard.load(CheckpointReader(d), MOE_LAYERS, ids, torch.float32)
+            for d in (checkpoints.per_expert, checkpoints.fused, checkpoints.sharded)
+        ]
+        for ordinal, layer in enumerate(MOE_LAYERS):
+            module = _experts(checkpoints.model, layer)
+            for experts in loaded:
+                assert torch.equal(experts.gate_up[ordinal], module.gate_up_proj.detach()[ids])
+                assert torch.equal(experts.down[ordinal], module.down_proj.detach()[ids])
+
+
+def test_shard_attributes(checkpoints: Checkpoints) -> None:
+    shard = ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [2, 5, 7], torch.bfloat16)
+    assert (shard.num_layers, shard.num_local_experts) == (2, 3)
+    assert (shard.hidden_size, shard.intermediate_size) == (32, 16)
+    assert shard.gate_up[0].dtype == shard.down[1].dtype == torch.bfloat16
+    assert shard.nbytes() == 2 * 3 * (2 * 16 * 32 + 32 * 16) * 2
+
+
+@pytest.mark.parametrize("strategy", ["contiguous", "round_robin"])
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_forward_matches_transformers(checkpoints: Checkpoints, strategy: str, layout: str) -> None:
+    placement = ExpertPlacement(NUM_EXPERTS, 3, strategy)
+    reader = CheckpointReader(getattr(checkpoints, layout))
+    shards = [ExpertShard.load(reader, MOE_LAYERS, placement.experts_of(s), torch.float32) for s in range(3)]
+    gen = torch.Generator().manual_seed(1)
+    for ordinal, layer in enumerate(MOE_LAYERS):
+        hidden = torch.randn(23, 32, generator=gen)
+        index, weights = _routing(23, gen, skip=4)
+        with torch.no_grad():
+            expected = _experts(checkpoints.model, layer)(hidden, index, weights)
+        total = torch.zeros_like(hidden)
+        for shard, experts in enumerate(shards):
+            local_ids = torch.where(placement.shard_of[index] == shard, placement.local_index[index], -1)
+            # Like the router's dispatch: only tokens with at least one expert on this shard.
+            sent = (local_ids >= 0).any(dim=1).nonzero().squeeze(1)
+            partial = experts.forward(ordinal, hidden[sent], local_ids[sent], weights[sent])
+            assert partial.shape == (len(sent), 32) and partial.dtype == torch.float32
+            total.index_add_(0, sent, partial)
+        torch.testing.assert_close(total, expected, rtol=0, atol=1e-5)
+
+
+def test_forward_single_shard_owning_all(checkpoints: Checkpoints) -> None:
+    shard = ExpertShard.load(
+        CheckpointReader(checkpoints.per_expert), MOE_LAYERS, list(range(10)), torch.float32
+    )
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(40, 32, generator=gen)
+    index, weights = _routing(40, gen, skip=9)
+    with torch.no_grad():
+        expected = _experts(checkpoints.model, MOE_LAYERS[1])(hidden, index, weights)
+    torch.testing.assert_close(shard.forward(1, hidden, index, weights), expected, rtol=0, atol=1e-5)
+
+
+def test_forward_empty_and_unrouted(checkpoints: Checkpoints) -> None:
+    shard = ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [0, 1, 2], torch.float32)
+    empty = shard.forward(
+        0, torch.empty(0, 32), torch.empty(0, TOP_K, dtype=torch.int64), torch.empty(0, TOP_K)
+    )
+    assert empty.shape == (0, 32)
+    rows = torch.randn(5, 32)
+    none = shard.forward(0, rows, torch.full((5, TOP_K), -1), torch.rand(5, TOP_K))
+    assert torch.equal(none, torch.zeros(5, 32))
+    partial_ids = torch.tensor([[0, -1, -1], [-1, -1, -1], [2, 0, -1], [-1, -1, 1], [-1, -1, -1]])
+    out = shard.forward(0, rows, partial_ids, torch.rand(5, TOP_K))
+    assert torch.equal(out[[1, 4]], torch.zeros(2, 32)) and out[[0, 2, 3]].abs().sum(dim=1).gt(0).all()
+
+
+def test_forward_rejects_unknown_local_expert(checkpoints: Checkpoints) -> None:
+    shard = ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [0, 1, 2], torch.float32)
+    with pytest.raises(ValueError, match="local expert id 3 >= 3"):
+        shard.forward(0, torch.randn(1, 32), torch.tensor([[3, 0, -1]]), torch.rand(1, TOP_K))
+
+
+def test_forward_bfloat16(checkpoints: Checkpoints) -> None:
+    reader = CheckpointReader(checkpoints.per_expert)
+    ids = [1, 3, 8]
+    exact = ExpertShard.load(reader, MOE_LAYERS, ids, torch.float32)
+    half = ExpertShard.load(reader, MOE_LAYERS, ids, torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(16, 32, generator=gen)
+    local_ids = torch.randint(-1, 3, (16, TOP_K), generator=gen)
+    weights = torch.rand(16, TOP_K, generator=gen)
+    got = half.forward(1, rows.to(torch.bfloat16), local_ids, weights)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact.forward(1, rows, local_ids, weights), rtol=0.05, atol=0.1)
+
+
+def test_loads_only_owned_experts(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    owned = [3, 4, 5]
+    tensors = load_file(checkpoints.per_expert / "model.safetensors")
+    unowned = re.compile(rf"\.mlp\.experts\.(?!({'|'.join(map(str, owned))})\.)")
+    save_file({n: t for n, t in tensors.items() if not unowned.search(n)}, tmp_path / "model.safetensors")
+    shard = ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, owned, torch.float32)
+    assert torch.equal(shard.down[0], _experts(checkpoints.model, MOE_LAYERS[0]).down_proj.detach()[owned])
+
+
+def test_missing_expert_tensor_named(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    tensors = load_file(checkpoints.per_expert / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.6.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"tensor model\.layers\.2\.mlp\.experts\.6\.up_proj\.weight not found"
+    ):
+        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, [5, 6], torch.float32)
+
+
+def test_per_expert_shape_mismatch_named(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    tensors = load_file(checkpoints.per_expert / "model.safetensors")
+    tensors["model.layers.2.mlp.experts.1.down_proj.weight"] = torch.zeros(32, 15)
+    save_file(tensors, tmp_path / "model.safetensors")
+    name = re.escape("model.layers.2.mlp.experts.1.down_proj.weight")
+    message = rf"tensor {name} .*expected shape \(32, 16\), found \(32, 15\)"
+    with pytest.raises(CheckpointError, match=message):
+        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, [0, 1], torch.float32)
+
+
+def test_fused_shape_mismatch_named(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    tensors = load_file(checkpoints.fused / "model.safetensors")
+    tensors["model.layers.2.mlp.experts.down_proj"] = torch.zeros(NUM_EXPERTS, 16, 32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    name = re.escape("model.layers.2.mlp.experts.down_proj")
+    message = rf"tensor {name} .*expected shape \(10, 32, 16\), found \(10, 16, 32\)"
+    with pytest.raises(CheckpointError, match=message):
+        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, [0, 1], torch.float32)
+
+
+def test_fused_expert_out_of_range(checkpoints: Checkpoints) -> None:
+    with pytest.raises(CheckpointError, match="holds 10 experts, expert 10 requested"):
+        ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [9, 10], torch.float32)
+
+
+def test_constructor_validates_shapes() -> None:
+    with pytest.raises(ValueError, match="one gate_up and one down per MoE layer"):
+        ExpertShard([torch.zeros(2, 8, 4)], [])
+    with pytest.raises(ValueError, match="MoE layer 1"):
+        ExpertShard([torch.zeros(2, 8, 4)] * 2, [torch.zeros(2, 4, 4), torch.zeros(2, 4, 3)])
