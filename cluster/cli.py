@@ -57,6 +57,107 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_options(args: argparse.Namespace):
+    """ServeOptions from --config (its keys, or a Serve config's first application's args), then flags."""
+    import yaml
+
+    from cluster.serve_options import ServeOptions
+
+    values: dict = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot read --config {args.config}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of options")
+        if "applications" in loaded:
+            apps = loaded["applications"]
+            if not (isinstance(apps, list) and apps and isinstance(apps[0], dict)):
+                raise ValueError(f"{args.config}: 'applications' lists no application")
+            loaded = apps[0].get("args") or {}
+        values = dict(loaded)
+    flags = {
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+        "expert_shards": args.expert_shards,
+        "device": args.device,
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    scaling = {
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests,
+    }
+    if any(v is not None for v in scaling.values()):
+        engine = dict(values.get("engine_autoscaling") or {})
+        engine.update({k: v for k, v in scaling.items() if v is not None})
+        values["engine_autoscaling"] = engine
+    return ServeOptions.model_validate(values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from cluster.engine import ensure_ray
+    from cluster.serve_app import build_app
+
+    options = _serve_options(args)
+    per_replica = options.router_cpus + options.expert_shards * options.expert_cpus
+    started = ensure_ray(per_replica * options.engine_autoscaling.max_replicas + 1)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(options.model_dump(mode="json")), name="moe-cluster", route_prefix="/")
+        print(
+            f"serving {options.model_name()} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True
+        )
+        stop.wait()
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cluster.serve_app import serve_config
+
+    text = yaml.safe_dump(serve_config(_serve_options(args), args.host, args.port), sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser, host: str) -> None:
+    parser.add_argument("--model", help="model directory on every node (default: the demo model)")
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--expert-shards", type=int)
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--min-replicas", type=int, help="engine replicas (whole model instances)")
+    parser.add_argument("--max-replicas", type=int)
+    parser.add_argument(
+        "--target-ongoing-requests", type=float, help="running + waiting sequences per replica"
+    )
+    parser.add_argument("--config", help="YAML with ServeOptions keys, or a Serve config file")
+    parser.add_argument("--host", default=host)
+    parser.add_argument("--port", type=int, default=8000)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     gen.set_defaults(run=cmd_generate)
+
+    serve_cmd = sub.add_parser("serve", help="serve the OpenAI-compatible API until SIGINT/SIGTERM")
+    _add_serve_flags(serve_cmd, host="127.0.0.1")
+    serve_cmd.set_defaults(run=cmd_serve)
+
+    config_cmd = sub.add_parser("serve-config", help="write a Serve config file for `serve deploy` / KubeRay")
+    _add_serve_flags(config_cmd, host="0.0.0.0")
+    config_cmd.add_argument("-o", "--output", help="file to write (default: stdout)")
+    config_cmd.set_defaults(run=cmd_serve_config)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import Completion, ExpertActor, Prompt, RouterActor
+from cluster.actors import Completion, RouterActor
 from cluster.config import EngineConfig
+from cluster.router_host import Prompt, config_bundles
 from experts.checkpoint import CheckpointReader
 from router.config import ModelConfig
 from router.sampling import SamplingParams
@@ -49,7 +51,6 @@ class Engine:
         self.use_gpu = _resolve_gpu(config)
         self.config = config.model_copy(update={"device": "cuda" if self.use_gpu else "cpu"})
         self._pg: PlacementGroup | None = None
-        self._serving: list[ray.ObjectRef] = []
         try:
             self._start()
         except BaseException:
@@ -57,38 +58,16 @@ class Engine:
             raise
 
     def _start(self) -> None:
-        cfg, gpu = self.config, self.use_gpu
-        bundles = [{"CPU": cfg.router_cpus, **({"GPU": 1} if gpu else {})}] + [
-            {"CPU": cfg.expert_cpus, **({"GPU": 1} if gpu else {})} for _ in range(cfg.expert_shards)
-        ]
-        self._pg = placement_group(bundles, strategy=cfg.placement_strategy, name="")
+        cfg = self.config
+        bundles = config_bundles(cfg)
+        self._pg = placement_group(bundles, strategy=cfg.placement_strategy)
         ray.get(self._pg.ready(), timeout=cfg.ready_timeout_s)
-
-        def in_bundle(index: int) -> dict:
-            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index)
-            return {
-                "scheduling_strategy": strategy,
-                "num_cpus": bundles[index]["CPU"],
-                "num_gpus": bundles[index].get("GPU", 0),
-            }
-
-        self.router = RouterActor.options(**in_bundle(0)).remote(cfg, gpu)
-        self.experts = [
-            ExpertActor.options(max_concurrency=2, **in_bundle(i + 1)).remote(cfg, i, gpu)
-            for i in range(cfg.expert_shards)
-        ]
-        ray.get(
-            [self.router.info.remote(), *(e.info.remote() for e in self.experts)], timeout=cfg.ready_timeout_s
-        )
-        rendezvous = ray.get(self.router.rendezvous.remote())
-        world = cfg.expert_shards + 1
-        self._serving = [e.serve.remote(rendezvous, world) for e in self.experts]
-        connected = self.router.connect.remote(rendezvous)
-        ready, _ = ray.wait([connected, *self._serving], num_returns=1, timeout=cfg.ready_timeout_s)
-        if not ready:
-            raise TimeoutError(f"expert group did not form within {cfg.ready_timeout_s} s")
-        ray.get(ready)  # an expert that failed to join raises here
-        ray.get(connected, timeout=cfg.ready_timeout_s)
+        self.router = RouterActor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
+            num_cpus=bundles[0]["CPU"],
+            num_gpus=bundles[0].get("GPU", 0),
+        ).remote(cfg)
+        _get(self.router.info.remote())
 
     def generate(
         self,
@@ -122,23 +101,15 @@ class Engine:
         return ray.get(self.router.stats.remote(reset))
 
     def info(self) -> dict:
-        return {
-            "router": ray.get(self.router.info.remote()),
-            "experts": ray.get([e.info.remote() for e in self.experts]),
-        }
+        return _get(self.router.info.remote())
 
     def shutdown(self) -> None:
         router = getattr(self, "router", None)
-        if router is not None and self._serving:
-            try:
-                ray.get(router.stop.remote(), timeout=30)
-                ray.get(self._serving, timeout=30)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass  # actors are killed below either way
-        for actor in [router, *getattr(self, "experts", [])]:
-            if actor is not None:
-                ray.kill(actor)
-        self.router, self.experts, self._serving = None, [], []
+        if router is not None:
+            with contextlib.suppress(ray.exceptions.RayError, TimeoutError):  # killed below either way
+                ray.get(router.stop.remote(), timeout=60)
+            ray.kill(router)
+            self.router = None
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

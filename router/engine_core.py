@@ -27,6 +27,8 @@ class TokenEvent:
     request_id: str
     token_id: int
     finish_reason: str | None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 class EngineCore:
@@ -120,10 +122,34 @@ class EngineCore:
         sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]
         if not sampled:
             return []
-        new_ids = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) for s in sampled]).tolist()
-        return [self._append(seq, token) for seq, token in zip(sampled, new_ids, strict=True)]
+        new_ids = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) for s in sampled])
+        logprobs = self._logprobs(logits, new_ids, sampled)
+        return [
+            self._append(seq, token, *logprobs.get(i, (None, None)))
+            for i, (seq, token) in enumerate(zip(sampled, new_ids.tolist(), strict=True))
+        ]
 
-    def _append(self, seq: Sequence, token: int) -> TokenEvent:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, new_ids: torch.Tensor, seqs: list[Sequence]) -> dict[int, tuple]:
+        """Row -> (sampled token's logprob, top alternatives), for the rows that asked, in one pass."""
+        rows = [i for i, s in enumerate(seqs) if s.sampling.params.logprobs is not None]
+        if not rows:
+            return {}
+        index = torch.tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits[index], dim=-1)
+        chosen = logp.gather(1, new_ids[index][:, None])[:, 0].tolist()
+        k = max(seqs[i].sampling.params.logprobs for i in rows)
+        top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        out = {}
+        for j, i in enumerate(rows):
+            n = seqs[i].sampling.params.logprobs
+            pairs = zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True)
+            out[i] = (chosen[j], tuple(pairs))
+        return out
+
+    def _append(
+        self, seq: Sequence, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None
+    ) -> TokenEvent:
         seq.output_ids.append(token)
         params = seq.sampling.params
         reason = None
@@ -134,7 +160,7 @@ class EngineCore:
         if reason:
             self.scheduler.finish(seq, reason)
             self.sequences.pop(seq.request_id, None)
-        return TokenEvent(seq.request_id, token, reason)
+        return TokenEvent(seq.request_id, token, reason, logprob, top)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
         """Runs the given prompts to completion, batched; other queued work runs alongside."""

@@ -96,3 +96,32 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
         for _ in range(new_tokens):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster) -> str:
+    """Serve's HTTP proxy on a free loopback port, once per session; apps deploy under their own prefix."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def deploy_app(name: str, options: dict):
+    """Deploys the real app (cluster.serve_app:build_app) at /<name>; returns its base URL suffix."""
+    from ray import serve
+
+    from cluster.serve_app import build_app
+
+    serve.run(build_app(options), name=name, route_prefix=f"/{name}")
+    return f"/{name}"

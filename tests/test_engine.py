@@ -113,7 +113,8 @@ def test_unsupported_architecture(ray_cluster, tmp_path, demo_model):
 def test_actors_are_named_for_operators(engine):
     from ray.util.state import list_actors
 
-    alive = {a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])}
+    address = ray.get_runtime_context().gcs_address  # explicit: other local clusters may be running
+    alive = {a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])}
     assert {"RouterActor", "ExpertActor"} <= alive
 
 

@@ -1,0 +1,160 @@
+"""Continuous batching behind an asyncio API.
+
+One thread owns the EngineCore and steps it while there is work. Requests arrive from any event
+loop through an inbox drained at step boundaries, so a new request joins the running batch at the
+next step; each request's tokens flow back through its own asyncio queue. A caller that stops
+listening (a client that disconnected) aborts its sequence, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from router.engine_core import EngineCore, TokenEvent
+from router.sampling import SamplingParams
+from router.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Listener:
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop has stopped (shut down, or failed); no request can complete on it."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._listeners: dict[str, _Listener] = {}
+        self._pending = 0  # submitted, not yet in the scheduler: counts against max_waiting
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def load(self) -> dict[str, int]:
+        """Running and waiting sequences (what Serve's autoscaler counts as ongoing work)."""
+        sched = self.core.scheduler
+        return {"running": len(sched.running), "waiting": len(sched.waiting) + self._pending}
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Validates and queues at once (raising InvalidRequest / QueueFull); iterate the result for tokens.
+
+        Call from a running event loop; closing the iterator early aborts the request.
+        """
+        if not self.alive:
+            raise EngineStopped("engine loop is not running") from self.error
+        self.core.validate(prompt_ids, params)
+        request_id = f"r{next(self._ids)}"
+        with self._lock:
+            queued = len(self.core.scheduler.waiting) + self._pending
+            if queued >= self.core.scheduler.config.max_waiting:
+                raise QueueFull(f"{queued} requests already waiting")
+            self._pending += 1
+        listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
+        self._listeners[request_id] = listener
+        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._wake.set()
+        return self._events(request_id, listener)
+
+    async def _events(self, request_id: str, listener: _Listener) -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            while not finished:
+                event = await listener.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            self._listeners.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    async def run_in_loop(self, fn: Callable[[EngineCore], T]) -> T:
+        """Runs fn on the engine thread between two steps (the core is not thread-safe)."""
+        if not self.alive:
+            raise EngineStopped("engine loop is not running") from self.error
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", None, fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _deliver(self, request_id: str, item: TokenEvent | BaseException) -> None:
+        listener = self._listeners.get(request_id)
+        if listener is not None:
+            listener.loop.call_soon_threadsafe(listener.events.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command, request_id, *args = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "abort":
+                self.core.abort(request_id)
+                continue
+            if command == "call":
+                fn, future = args
+                try:
+                    future.set_result(fn(self.core))
+                except Exception as err:
+                    future.set_exception(err)
+                continue
+            with self._lock:
+                self._pending -= 1
+            if request_id not in self._listeners:
+                continue  # gave up before it was scheduled
+            try:
+                self.core.add_request(*args, request_id=request_id)
+            except (ValueError, QueueFull) as err:
+                self._deliver(request_id, err)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.core.has_work():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                for event in self.core.step():
+                    self._deliver(event.request_id, event)
+        except BaseException as err:
+            log.exception("engine loop failed")
+            self.error = err
+        finally:
+            self._stopped = True
+            failure = EngineStopped(
+                f"engine loop stopped: {self.error!r}" if self.error else "engine stopped"
+            )
+            for request_id in list(self._listeners):
+                self._deliver(request_id, failure)

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from transformers import AfmoeConfig
+from transformers.models.afmoe.modeling_afmoe import AfmoeTokenChoiceRouter
+
+from router.gating import GATING, afmoe_sigmoid_topk, softmax_topk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_compute_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _reference_router(num_experts: int, k: int, route_scale: float) -> AfmoeTokenChoiceRouter:
+    """transformers' AFMoE router with an identity gate, so that its input is the router logits."""
+    config = AfmoeConfig(
+        hidden_size=num_experts,
+        num_experts=num_experts,
+        num_experts_per_tok=k,
+        route_scale=route_scale,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    router = AfmoeTokenChoiceRouter(config)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(num_experts))
+    return router
+
+
+def _by_expert(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows reordered by expert id, so that two selections compare as sets."""
+    order = ids.argsort(dim=1)
+    return ids.gather(1, order), weights.gather(1, order)
+
+
+@pytest.mark.parametrize(("num_experts", "k", "route_scale"), [(8, 1, 1.0), (16, 4, 2.826), (32, 8, 1.5)])
+def test_afmoe_sigmoid_topk_matches_transformers(num_experts: int, k: int, route_scale: float) -> None:
+    gen = torch.Generator().manual_seed(num_experts + k)
+    logits = torch.randn(64, num_experts, generator=gen) * 3
+    bias = torch.randn(num_experts, generator=gen) * 0.5
+    router = _reference_router(num_experts, k, route_scale)
+    with torch.no_grad():
+        ref_logits, ref_weights, ref_ids = router(logits[None], bias)
+    assert torch.equal(ref_logits, logits)  # the identity gate passes the logits through unchanged
+
+    ids, weights = afmoe_sigmoid_topk(logits, bias, k, route_scale)
+
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (64, k)
+    ids_sorted, weights_sorted = _by_expert(ids, weights)
+    ref_ids_sorted, ref_weights_sorted = _by_expert(ref_ids, ref_weights)
+    assert torch.equal(ids_sorted, ref_ids_sorted)
+    torch.testing.assert_close(weights_sorted, ref_weights_sorted, atol=1e-6, rtol=1e-6)
+
+
+def test_afmoe_selection_uses_the_bias_but_the_weights_do_not() -> None:
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]])
+    unbiased_ids, _ = afmoe_sigmoid_topk(logits, None, 2, 1.0)
+    assert sorted(unbiased_ids[0].tolist()) == [0, 1]
+
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    ids, weights = afmoe_sigmoid_topk(logits, bias, 2, 1.0)
+    assert sorted(ids[0].tolist()) == [0, 3]  # expert 3 wins through its bias alone
+    scores = torch.sigmoid(logits[0, [0, 3]])
+    expected = dict(zip([0, 3], (scores / scores.sum()).tolist(), strict=True))
+    for e, w in zip(ids[0].tolist(), weights[0].tolist(), strict=True):
+        assert w == pytest.approx(expected[e], abs=1e-6)
+    assert expected[3] < 0.5  # the bias would have made expert 3 dominant had it entered the weights
+
+
+def test_afmoe_weights_ignore_a_bias_that_keeps_the_selection() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 16, generator=gen)
+    bias = torch.randn(16, generator=gen)
+    ids, weights = afmoe_sigmoid_topk(logits, bias, 4, 1.0)
+    shifted_ids, shifted_weights = afmoe_sigmoid_topk(logits, bias + 7.0, 4, 1.0)  # same order, same picks
+    assert torch.equal(ids, shifted_ids)
+    torch.testing.assert_close(weights, shifted_weights, atol=0, rtol=0)
+    expected = torch.sigmoid(logits).gather(1, ids)
+    torch.testing.assert_close(weights, expected / expected.sum(1, keepdim=True), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gating", [afmoe_sigmoid_topk, softmax_topk])
+def test_route_scale_multiplies_the_weights(gating) -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(20, 12, generator=gen)
+    ids1, w1 = gating(logits, None, 3, 1.0)
+    ids2, w2 = gating(logits, None, 3, 2.5)
+    assert torch.equal(ids1, ids2)
+    torch.testing.assert_close(w2, w1 * 2.5)
+    torch.testing.assert_close(w1.sum(1), torch.ones(20))
+    torch.testing.assert_close(w2.sum(1), torch.full((20,), 2.5))
+
+
+def test_softmax_topk_selects_the_largest_logits_with_renormalised_probabilities() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(40, 10, generator=gen) * 2
+    ids, weights = softmax_topk(logits, None, 3, 1.7)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids.sort(1).values, logits.topk(3, dim=1).indices.sort(1).values)
+    torch.testing.assert_close(weights.sum(1), torch.full((40,), 1.7))
+    # weights keep the softmax ratios: w_i / w_j = exp(l_i - l_j)
+    chosen = logits.gather(1, ids)
+    ratio = weights[:, 1:] / weights[:, :1]
+    torch.testing.assert_close(ratio, torch.exp(chosen[:, 1:] - chosen[:, :1]), rtol=1e-5, atol=1e-6)
+    assert (weights[:, :-1] >= weights[:, 1:]).all()
+
+
+def test_gating_runs_in_fp32_for_bf16_logits() -> None:
+    logits = torch.randn(5, 8).bfloat16()
+    for gating in GATING.values():
+        ids, weights = gating(logits, None, 2, 1.0)
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+
+
+def test_gating_table_names_both_functions() -> None:
+    assert GATING["afmoe_sigmoid"] is afmoe_sigmoid_topk
+    assert GATING["softmax"] is softmax_topk
