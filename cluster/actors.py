@@ -22,7 +22,7 @@ from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
-from router.engine_core import TokenEvent
+from router.engine_core import InvalidRequest, TokenEvent
 from router.exchange import ExchangeStats, run_expert_loop
 from router.sampling import SamplingParams
 
@@ -71,13 +71,20 @@ async def _collect(stream: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
     return [event async for event in stream]
 
 
+async def _collect_or_error(stream: AsyncIterator[TokenEvent]) -> list[TokenEvent] | str:
+    try:
+        return await _collect(stream)
+    except InvalidRequest as err:
+        return str(err)
+
+
 @ray.remote
 class RouterActor:
     """A model instance for Engine and batch jobs: whole requests in, completions out, batched."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.host = RouterHost(config, get_current_placement_group())
-        self.engine = AsyncEngine(self.host.core)
+        self.engine = AsyncEngine(self.host.core, recover=self.host.rebuild)
 
     async def generate(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Completion]:
         token_ids = [self.host.encode(p) for p in prompts]
@@ -90,6 +97,61 @@ class RouterActor:
             ids = [e.token_id for e in events]
             completions.append(Completion(ids, self.host.decode(ids), events[-1].finish_reason))
         return completions
+
+    async def generate_each(
+        self, prompts: list[Prompt | list[dict]], params: list[SamplingParams]
+    ) -> list[dict]:
+        """generate for batch jobs, where one bad request must not fail the others.
+
+        A prompt may also be chat messages (a list of {"role", "content"} dicts, through the chat template).
+        Per request: {"prompt_tokens", "token_ids", "text", "finish_reason"}, or {"error": message} for a
+        request that cannot be served as given.
+        """
+        admitted = [self._admit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        streams = {
+            i: self.engine.submit(ids, sp)
+            for i, (ids, sp) in enumerate(zip(admitted, params, strict=True))
+            if not isinstance(ids, str)
+        }
+        results = dict(
+            zip(streams, await asyncio.gather(*map(_collect_or_error, streams.values())), strict=True)
+        )
+        out = []
+        for i, ids in enumerate(admitted):
+            events = results.get(i, ids)  # a request that was not admitted has its error in place of ids
+            if isinstance(events, str):
+                out.append({"error": events})
+                continue
+            tokens = [e.token_id for e in events]
+            out.append(
+                {
+                    "prompt_tokens": len(ids),
+                    "token_ids": tokens,
+                    "text": self.host.decode(tokens),
+                    "finish_reason": events[-1].finish_reason,
+                }
+            )
+        return out
+
+    def _admit(self, prompt: Prompt | list[dict], params: SamplingParams) -> list[int] | str:
+        """The prompt's token ids, or why it cannot be served."""
+        try:
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                ids = self._chat_ids(prompt)
+            else:
+                ids = self.host.encode(prompt)
+            self.host.core.validate(ids, params)
+        except InvalidRequest as err:
+            return str(err)
+        return ids
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        if self.host.tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer, so chat messages are not available")
+        try:
+            return self.host.tokenizer.apply_chat_template(messages)
+        except Exception as err:  # the template's own checks (jinja errors) reject the conversation
+            raise InvalidRequest(f"chat template failed: {err}") from None
 
     async def logits(self, prompt: Prompt) -> torch.Tensor:
         token_ids = self.host.encode(prompt)

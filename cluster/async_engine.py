@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,6 +22,7 @@ from typing import TypeVar
 from router.engine_core import EngineCore, TokenEvent
 from router.sampling import SamplingParams
 from router.scheduler import QueueFull
+from router.transport import TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,8 +39,17 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(
+        self, core: EngineCore, recover: Callable[[], None] | None = None, max_recoveries: int = 3
+    ) -> None:
+        """`recover` re-forms the expert group after a TransportError; the step is then run again.
+
+        More than `max_recoveries` failures in a row stop the loop (the replica turns unhealthy).
+        """
         self.core = core
+        self._recover = recover
+        self._max_recoveries = max_recoveries
+        self.recoveries: list[float] = []  # seconds from each failure to the step that succeeded after it
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._listeners: dict[str, _Listener] = {}
@@ -138,6 +149,23 @@ class AsyncEngine:
             except (ValueError, QueueFull) as err:
                 self._deliver(request_id, err)
 
+    def _step_with_recovery(self) -> list[TokenEvent]:
+        failed_at, attempts = None, 0
+        while True:
+            try:
+                events = self.core.step()
+            except TransportError as err:
+                attempts += 1
+                if self._recover is None or attempts > self._max_recoveries:
+                    raise
+                failed_at = failed_at or time.monotonic()
+                log.warning("expert group failed (%s); re-forming it, attempt %d", err, attempts)
+                self._recover()
+                continue
+            if failed_at is not None:
+                self.recoveries.append(time.monotonic() - failed_at)
+            return events
+
     def _run(self) -> None:
         try:
             while not self._stopped:
@@ -146,7 +174,7 @@ class AsyncEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
-                for event in self.core.step():
+                for event in self._step_with_recovery():
                     self._deliver(event.request_id, event)
         except BaseException as err:
             log.exception("engine loop failed")

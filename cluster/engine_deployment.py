@@ -26,7 +26,7 @@ class EngineServer:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = ServeOptions.model_validate(options)
         self.host = RouterHost(self.options.engine_config(), get_current_placement_group())
-        self.engine = AsyncEngine(self.host.core)
+        self.engine = AsyncEngine(self.host.core, recover=self.host.rebuild)
 
     def model_info(self) -> dict[str, Any]:
         return {
@@ -74,12 +74,12 @@ class EngineServer:
         top = [(self.host.decode([t]) or "", lp) for t, lp in event.top_logprobs or ()]
         return {"token": token, "logprob": event.logprob, "top_logprobs": top}
 
-    def check_health(self) -> None:
-        """Serve restarts this replica when it raises: engine loop dead or an expert actor lost."""
+    async def check_health(self) -> None:
+        """Repairs a broken expert group in place; raises, so that Serve replaces the replica, if it can't."""
         if not self.engine.alive:
             raise RuntimeError(f"engine loop stopped: {self.engine.error!r}")
         if not self.host.experts_alive():
-            raise RuntimeError("an expert actor of this replica is gone")
+            await self.engine.run_in_loop(lambda _: self.host.experts_alive() or self.host.rebuild())
 
     def ready(self) -> bool:
         return self.engine.alive and self.host.experts_alive()

@@ -65,24 +65,16 @@ def config_bundles(config: EngineConfig) -> list[dict]:
 
 class RouterHost:
     def __init__(self, config: EngineConfig, pg: PlacementGroup, first_expert_bundle: int = 1) -> None:
-        from cluster.actors import ExpertActor
-
         limit_threads(config.router_cpus)
         self.config = config
         self.device = device_for(config.device == "cuda")
         self.model_config = ModelConfig.from_model_dir(config.model_path)
         has_tokenizer = (config.model_path / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer.from_model_dir(config.model_path) if has_tokenizer else None
-        bundles = config_bundles(config)[1:]
-        self.experts = [
-            ExpertActor.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, first_expert_bundle + i),
-                num_cpus=bundle["CPU"],
-                num_gpus=bundle.get("GPU", 0),
-                max_concurrency=2,
-            ).remote(config, i)
-            for i, bundle in enumerate(bundles)
-        ]
+        self._pg, self._first_expert_bundle = pg, first_expert_bundle
+        self.generation = 0  # bumped each time the group is re-formed
+        self.expert_restarts = 0
+        self.experts = [self._spawn_expert(i) for i in range(config.expert_shards)]
         dtype = config.torch_dtype
         model = load_router_model(CheckpointReader(config.model_path), self.model_config, dtype, self.device)
         cache_bytes = config.kv_cache_bytes or default_cache_bytes(
@@ -100,6 +92,49 @@ class RouterHost:
             config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, config.max_waiting
         )
         self.core = EngineCore(self.model_config, model, cache, experts, scheduler, eos)
+
+    def _spawn_expert(self, shard: int) -> ray.actor.ActorHandle:
+        from cluster.actors import ExpertActor
+
+        bundle = config_bundles(self.config)[1 + shard]
+        return ExpertActor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, self._first_expert_bundle + shard),
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            max_concurrency=2,
+        ).remote(self.config, shard)
+
+    def rebuild(self) -> None:
+        """Re-forms the expert group under a new generation after a transport failure.
+
+        Expert actors whose loop ended with a transport error are reused; dead ones, and ones still
+        stuck in the old group after a grace period, are replaced in their own bundle and reload their
+        experts. The caller re-runs the interrupted step.
+        """
+        self.transport.close()
+        grace = min(10.0, self.config.collective_timeout_s)
+        ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=grace)
+        for shard, ref in enumerate(self._serving):
+            if ref in ended and self._ended_alive(ref):
+                continue
+            ray.kill(self.experts[shard])
+            self.experts[shard] = self._spawn_expert(shard)
+            self.expert_restarts += 1
+        ray.get([e.info.remote() for e in self.experts], timeout=self.config.ready_timeout_s)
+        self.transport, self._serving = self._form_group()
+        self.core.experts.transport = self.transport
+        self.generation += 1
+
+    @staticmethod
+    def _ended_alive(ref: ray.ObjectRef) -> bool:
+        """An expert loop that returned or raised by itself; False if its actor died."""
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            return False
+        except ray.exceptions.RayTaskError:
+            return True
+        return True
 
     def _form_group(self) -> tuple[Transport, list[ray.ObjectRef]]:
         rendezvous = self._rendezvous()

@@ -16,6 +16,7 @@ from router.model import AfmoeRouterModel
 from router.sampling import SamplingParams, SamplingState, sample
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence
+from router.transport import TransportError
 
 
 class InvalidRequest(ValueError):
@@ -108,13 +109,20 @@ class EngineCore:
         device = self.cache.device
         batch = self.cache.build(step.starts, step.lengths, [s.blocks for s in step.seqs])
         started = time.perf_counter()
-        logits = self.model(
-            torch.tensor(tokens, dtype=torch.int64, device=device),
-            batch,
-            self.cache,
-            self.experts,
-            torch.tensor(logits_rows, dtype=torch.int64, device=device),
-        )
+        try:
+            logits = self.model(
+                torch.tensor(tokens, dtype=torch.int64, device=device),
+                batch,
+                self.cache,
+                self.experts,
+                torch.tensor(logits_rows, dtype=torch.int64, device=device),
+            )
+        except TransportError:
+            # Some layers may have written this step's K/V, over sliding-window slots the retry still
+            # needs: these sequences recompute their cache from prompt + output (same tokens result).
+            for seq in step.seqs:
+                seq.num_computed = 0
+            raise
         self.step_seconds += time.perf_counter() - started
         self.steps += 1
         for seq, n in zip(step.seqs, step.lengths, strict=True):
