@@ -42,26 +42,35 @@ class EngineServer:
         return self.host.encode(request["prompt"])
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """First item {"prompt_tokens"} once the request is accepted; then one item per token.
+        """First item {"prompt_tokens", "prompt_ids"} once the request is accepted; then one per token.
 
         Errors before the first item (bad input, queue full) reach the caller as exceptions, so the
-        HTTP layer can answer 4xx/429 before it starts a response.
+        HTTP layer can answer 4xx/429 before it starts a response. A request carrying
+        `resume: {"prompt_ids", "output_ids", "sent"}` continues one that a lost replica was serving.
         """
-        prompt_ids = self._prompt_ids(request)
+        resume = request.get("resume")
+        prompt_ids = list(resume["prompt_ids"]) if resume else self._prompt_ids(request)
+        done = list(resume["output_ids"]) if resume else []
         fields = dict(request["params"])
         if fields.get("max_tokens") is None:
             fields["max_tokens"] = max(1, self.host.core.max_model_len - len(prompt_ids))
-        params = SamplingParams(**fields)
-        events = self.engine.submit(prompt_ids, params)
-        yield {"prompt_tokens": len(prompt_ids)}
-        text = TextStream(self.host.decode, request.get("stop") or ())
+        fields["max_tokens"] -= len(done)
+        params = SamplingParams(**fields, step_offset=len(done))
+        events = self.engine.submit(prompt_ids + done, params)
+        yield {"prompt_tokens": len(prompt_ids), "prompt_ids": prompt_ids}
+        text = TextStream(self.host.decode, request.get("stop") or (), done, resume["sent"] if resume else 0)
         try:
             async for event in events:
                 delta = text.push(event.token_id)
                 finish = "stop" if text.stopped else event.finish_reason
                 if finish:
                     delta += text.finish()
-                yield {"text": delta, "finish_reason": finish, **self._logprobs(event)}
+                yield {
+                    "text": delta,
+                    "token_id": event.token_id,
+                    "finish_reason": finish,
+                    **self._logprobs(event),
+                }
                 if text.stopped:
                     return
         finally:

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.async_engine import EngineStopped
 from cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -179,8 +180,54 @@ async def _merge(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int,
             else:
                 yield index, item
     finally:
-        for task, stream in zip(tasks, streams, strict=True):
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+MAX_RESUMES = 3
+
+
+def _replica_lost(err: Exception) -> bool:
+    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
+    return isinstance(
+        cause, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError | EngineStopped
+    )
+
+
+async def resumable_stream(handle: DeploymentHandle, request: dict) -> AsyncIterator[dict]:
+    """One choice's engine stream; if the replica serving it is lost, it resumes on another one.
+
+    The resumed request carries the prompt and the tokens the client already has, so the new replica
+    prefills them and goes on: every token reaches the client once, and greedy text is unchanged.
+    """
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] = []
+    sent = resumes = 0
+    while True:
+        stream = handle.generate.remote(request)
+        try:
+            async for event in stream:
+                if "prompt_ids" in event:
+                    if prompt_ids is None:
+                        prompt_ids = event["prompt_ids"]
+                        yield event
+                    continue
+                output_ids.append(event["token_id"])
+                sent += len(event["text"])
+                yield event
+            return
+        except Exception as err:
+            if not _replica_lost(err) or resumes >= MAX_RESUMES:
+                raise
+            resumes += 1
+            log.warning("engine replica lost after %d tokens (%r); resuming elsewhere", len(output_ids), err)
+            if prompt_ids is not None:
+                resume = {"prompt_ids": prompt_ids, "output_ids": list(output_ids), "sent": sent}
+                request = {**request, "resume": resume}
+        finally:
             stream.cancel()
 
 
@@ -231,12 +278,12 @@ class OpenAIIngress:
 
     async def _open(self, requests: list[dict]) -> tuple[list[AsyncIterator[dict]], int]:
         """Starts one engine stream per choice; returns them and the prompt length once all are accepted."""
-        streams = [self.stream_handle.generate.remote(r) for r in requests]
+        streams = [resumable_stream(self.stream_handle, r) for r in requests]
         try:
             firsts = await asyncio.gather(*(s.__anext__() for s in streams))
         except Exception as err:
             for s in streams:
-                s.cancel()
+                await s.aclose()
             raise _engine_error(err) from None
         return streams, firsts[0]["prompt_tokens"]
 

@@ -130,7 +130,8 @@ class EngineCore:
         sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]
         if not sampled:
             return []
-        new_ids = sample(logits, [s.sampling for s in sampled], [len(s.output_ids) for s in sampled])
+        steps = [len(s.output_ids) + s.sampling.params.step_offset for s in sampled]
+        new_ids = sample(logits, [s.sampling for s in sampled], steps)
         logprobs = self._logprobs(logits, new_ids, sampled)
         return [
             self._append(seq, token, *logprobs.get(i, (None, None)))

@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
+    step_offset: int = 0  # tokens generated before a resumption, so seeded draws continue where they were
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

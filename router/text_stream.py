@@ -12,13 +12,20 @@ from collections.abc import Callable, Sequence
 
 
 class TextStream:
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        stop: Sequence[str] = (),
+        previous: Sequence[int] = (),
+        sent: int = 0,
+    ) -> None:
+        """`previous` / `sent`: tokens already generated and characters already released, on resumption."""
         self._decode = decode
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
-        self.token_ids: list[int] = []
-        self.text = ""  # final text so far (cut at a stop string once one is found)
-        self._sent = 0
+        self.token_ids: list[int] = list(previous)
+        self.text = decode(self.token_ids) if self.token_ids else ""  # final text so far
+        self._sent = sent
         self.stopped = False
 
     def push(self, token_id: int) -> str:
