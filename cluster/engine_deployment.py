@@ -90,6 +90,14 @@ class EngineServer:
         if not self.host.experts_alive():
             await self.engine.run_in_loop(lambda _: self.host.experts_alive() or self.host.rebuild())
 
+    def recovery_stats(self) -> dict[str, Any]:
+        """Expert-group recoveries so far: their durations (failure to next good step) and restarts."""
+        return {
+            "recoveries_s": list(self.engine.recoveries),
+            "expert_restarts": self.host.expert_restarts,
+            "generation": self.host.generation,
+        }
+
     def ready(self) -> bool:
         return self.engine.alive and self.host.experts_alive()
 
