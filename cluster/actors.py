@@ -15,7 +15,6 @@ import ray
 import torch
 from ray.util import get_current_placement_group
 
-from cluster.async_engine import AsyncEngine
 from cluster.config import EngineConfig
 from cluster.router_host import Prompt, RouterHost, device_for, limit_threads, open_transport
 from experts.checkpoint import CheckpointReader
@@ -84,7 +83,7 @@ class RouterActor:
 
     def __init__(self, config: EngineConfig) -> None:
         self.host = RouterHost(config, get_current_placement_group())
-        self.engine = AsyncEngine(self.host.core, recover=self.host.rebuild)
+        self.engine = self.host.engine_loop()
 
     async def generate(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Completion]:
         token_ids = [self.host.encode(p) for p in prompts]
@@ -174,6 +173,8 @@ class RouterActor:
             "rows_sent": exchange.rows_sent,
             "payload_bytes": exchange.payload_bytes,
             "meta_bytes": exchange.meta_bytes,
+            "recoveries_s": list(self.engine.recoveries),
+            "expert_restarts": self.host.expert_restarts,
         }
         if reset:
             core.steps, core.step_seconds = 0, 0.0

@@ -40,13 +40,19 @@ class EngineStopped(RuntimeError):
 
 class AsyncEngine:
     def __init__(
-        self, core: EngineCore, recover: Callable[[], None] | None = None, max_recoveries: int = 3
+        self,
+        core: EngineCore,
+        recover: Callable[[], None] | None = None,
+        max_recoveries: int = 3,
+        heartbeat_s: float = 10.0,
     ) -> None:
         """`recover` re-forms the expert group after a TransportError; the step is then run again.
 
-        More than `max_recoveries` failures in a row stop the loop (the replica turns unhealthy).
+        More than `max_recoveries` failures in a row stop the loop (the replica turns unhealthy). While
+        idle, a heartbeat goes to the expert ranks every `heartbeat_s` (keep it below their timeout).
         """
         self.core = core
+        self._heartbeat_s = heartbeat_s
         self._recover = recover
         self._max_recoveries = max_recoveries
         self.recoveries: list[float] = []  # seconds from each failure to the step that succeeded after it
@@ -149,11 +155,11 @@ class AsyncEngine:
             except (ValueError, QueueFull) as err:
                 self._deliver(request_id, err)
 
-    def _step_with_recovery(self) -> list[TokenEvent]:
+    def _with_recovery(self, call: Callable[[], T]) -> T:
         failed_at, attempts = None, 0
         while True:
             try:
-                events = self.core.step()
+                result = call()
             except TransportError as err:
                 attempts += 1
                 if self._recover is None or attempts > self._max_recoveries:
@@ -164,17 +170,18 @@ class AsyncEngine:
                 continue
             if failed_at is not None:
                 self.recoveries.append(time.monotonic() - failed_at)
-            return events
+            return result
 
     def _run(self) -> None:
         try:
             while not self._stopped:
                 self._drain_inbox()
                 if not self.core.has_work():
-                    self._wake.wait(timeout=1.0)
+                    if not self._wake.wait(timeout=self._heartbeat_s):
+                        self._with_recovery(self.core.experts.heartbeat)
                     self._wake.clear()
                     continue
-                for event in self._step_with_recovery():
+                for event in self._with_recovery(self.core.step):
                     self._deliver(event.request_id, event)
         except BaseException as err:
             log.exception("engine loop failed")

@@ -13,7 +13,6 @@ from typing import Any
 from ray import serve
 from ray.util import get_current_placement_group
 
-from cluster.async_engine import AsyncEngine
 from cluster.router_host import RouterHost
 from cluster.serve_options import ServeOptions
 from router.engine_core import InvalidRequest, TokenEvent
@@ -26,7 +25,7 @@ class EngineServer:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = ServeOptions.model_validate(options)
         self.host = RouterHost(self.options.engine_config(), get_current_placement_group())
-        self.engine = AsyncEngine(self.host.core, recover=self.host.rebuild)
+        self.engine = self.host.engine_loop()
 
     def model_info(self) -> dict[str, Any]:
         return {

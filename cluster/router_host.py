@@ -16,6 +16,7 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.async_engine import AsyncEngine
 from cluster.config import EngineConfig
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
@@ -92,6 +93,11 @@ class RouterHost:
             config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, config.max_waiting
         )
         self.core = EngineCore(self.model_config, model, cache, experts, scheduler, eos)
+
+    def engine_loop(self) -> AsyncEngine:
+        """The continuous-batching loop over this instance, recovering through `rebuild`."""
+        heartbeat = self.config.collective_timeout_s / 4
+        return AsyncEngine(self.core, recover=self.rebuild, heartbeat_s=heartbeat)
 
     def _spawn_expert(self, shard: int) -> ray.actor.ActorHandle:
         from cluster.actors import ExpertActor

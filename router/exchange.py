@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -59,20 +59,46 @@ def row_width(hidden_size: int, top_k: int, dtype: torch.dtype) -> int:
 
 @dataclass
 class ExchangeStats:
-    """Accumulated over steps; read and reset by whoever reports metrics."""
+    """Accumulated over steps; read and reset by whoever reports metrics.
+
+    The last three are recorded only while the routed experts' `detail` switch is on: the router's
+    time in attention blocks and in gates (timed by the model), and per MoE layer the (token, expert)
+    pairs routed to each expert, as a [num_experts] int64 tensor on the router's device.
+    """
 
     rows_sent: int = 0
     payload_bytes: int = 0  # activations only: rows x hidden x dtype size
     meta_bytes: int = 0
     seconds: float = 0.0
+    attention_seconds: float = 0.0
+    gate_seconds: float = 0.0
+    expert_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def count_experts(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
+        counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
+        total = self.expert_tokens.get(layer)
+        self.expert_tokens[layer] = counts if total is None else total.add_(counts)
+
+
+@dataclass
+class ExpertStats:
+    """An expert rank's counters, accumulated over steps (see run_expert_loop)."""
+
+    steps: int = 0
+    rows: int = 0  # token rows received, over all MoE layers
+    compute_seconds: float = 0.0  # in the shard's expert forward
 
 
 class RoutedExperts(Protocol):
     """What the model calls for the routed part of a MoE layer (the shared expert is passed in)."""
 
     stats: ExchangeStats
+    detail: bool  # also time the model's phases and count tokens per expert (metrics)
 
     def begin_step(self, num_tokens: int) -> None: ...
+
+    def heartbeat(self) -> None:
+        """Tells idle expert ranks the router is alive (no-op without a transport)."""
 
     def __call__(
         self,
@@ -97,6 +123,7 @@ class CollectiveExperts:
         self.placement = placement
         self.top_k = top_k
         self.stats = ExchangeStats()
+        self.detail = False
         self._step = 0
 
     def begin_step(self, num_tokens: int) -> None:
@@ -106,10 +133,15 @@ class CollectiveExperts:
     def stop(self) -> None:
         self.transport.broadcast_header(header(Op.STOP))
 
+    def heartbeat(self) -> None:
+        self.transport.broadcast_header(header(Op.HEARTBEAT))
+
     def __call__(self, layer, hidden, ids, weights, shared):
         start = time.perf_counter()
         world = self.transport.world_size
         plan = plan_dispatch(ids, weights, self.placement)
+        if self.detail:
+            self.stats.count_experts(layer, ids, self.placement.num_experts)
         splits = [0, *plan.shard_counts]
         counts = torch.tensor(splits, dtype=torch.int64, device=hidden.device).view(world, 1)
         self.transport.all_to_all(counts, [1] * world, [1] * world).wait()
@@ -128,8 +160,13 @@ class CollectiveExperts:
         return out
 
 
-def serve_expert_step(transport: Transport, shard: ExpertShard, top_k: int, dtype: torch.dtype) -> None:
-    """One forward step on an expert rank: every MoE layer's counts, dispatch, compute, combine."""
+def serve_expert_step(
+    transport: Transport, shard: ExpertShard, top_k: int, dtype: torch.dtype, stats: ExpertStats | None = None
+) -> None:
+    """One forward step on an expert rank: every MoE layer's counts, dispatch, compute, combine.
+
+    With `stats`, also counts the rows received and times the expert compute.
+    """
     world = transport.world_size
     width = row_width(shard.hidden_size, top_k, dtype)
     for layer in range(shard.num_layers):
@@ -141,19 +178,36 @@ def serve_expert_step(transport: Transport, shard: ExpertShard, top_k: int, dtyp
         empty = torch.empty(0, width, dtype=dtype, device=transport.device)
         rows = transport.all_to_all(empty, [0] * world, from_router).wait()
         hidden, local_ids, weights = unpack_rows(rows, shard.hidden_size, top_k)
+        started = time.perf_counter()
         out = shard.forward(layer, hidden, local_ids, weights)
+        if stats is not None:
+            stats.compute_seconds += time.perf_counter() - started
+            stats.rows += rows_in
         transport.all_to_all(out, from_router, [0] * world).wait()
 
 
-def run_expert_loop(transport: Transport, shard: ExpertShard, top_k: int, dtype: torch.dtype) -> int:
-    """The expert rank's SPMD loop: wait for a step header, serve it, until STOP. Returns steps served."""
-    steps = 0
+def run_expert_loop(
+    transport: Transport,
+    shard: ExpertShard,
+    top_k: int,
+    dtype: torch.dtype,
+    on_step: Callable[[ExpertStats], None] | None = None,
+) -> int:
+    """The expert rank's SPMD loop: wait for a step header, serve it, until STOP. Returns steps served.
+
+    With `on_step`, the rank's counters are kept and passed to it after every step (metrics).
+    """
+    stats = ExpertStats()
     while True:
         op = Op(int(transport.broadcast_header(None)[0]))
         if op == Op.STOP:
-            return steps
-        serve_expert_step(transport, shard, top_k, dtype)
-        steps += 1
+            return stats.steps
+        if op == Op.HEARTBEAT:
+            continue
+        serve_expert_step(transport, shard, top_k, dtype, stats if on_step else None)
+        stats.steps += 1
+        if on_step:
+            on_step(stats)
 
 
 class LocalExperts:
@@ -166,12 +220,18 @@ class LocalExperts:
         self.shards = shards
         self.placement = placement
         self.stats = ExchangeStats()
+        self.detail = False
 
     def begin_step(self, num_tokens: int) -> None:
         return None
 
+    def heartbeat(self) -> None:
+        return None
+
     def __call__(self, layer, hidden, ids, weights, shared):
         plan = plan_dispatch(ids, weights, self.placement)
+        if self.detail:
+            self.stats.count_experts(layer, ids, self.placement.num_experts)
         out = shared()
         start = 0
         for shard, count in zip(self.shards, plan.shard_counts, strict=True):

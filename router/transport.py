@@ -19,6 +19,7 @@ HEADER_LEN = 4
 class Op(IntEnum):
     STOP = 0
     FORWARD = 1
+    HEARTBEAT = 2  # sent while idle, so expert ranks waiting for a header never hit the collective timeout
 
 
 class TransportError(RuntimeError):
