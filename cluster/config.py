@@ -29,9 +29,14 @@ class EngineConfig(BaseModel):
         None, ge=1, description="default: room for max_num_seqs full sequences"
     )
     block_size: int = Field(16, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory for weights + KV")
     collective_timeout_s: float = Field(60.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     ready_timeout_s: float = Field(300.0, gt=0)
+    metrics: bool = Field(True, description="export moe_* metrics through Ray's metrics agent")
+    expert_layer_metrics: bool = Field(
+        False, description="also a tokens series per (layer, expert): layers x experts series per instance"
+    )
 
     @field_validator("model_path")
     @classmethod

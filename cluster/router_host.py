@@ -46,10 +46,19 @@ def open_transport(rendezvous: str | tuple, rank: int, config: EngineConfig) -> 
     if config.device == "cuda":
         from cluster.transport_nccl import NcclTransport
 
-        return NcclTransport(rendezvous, rank, world)
+        return NcclTransport(rendezvous, rank, world, config.collective_timeout_s)
     from cluster.transport_gloo import GlooTransport
 
     return GlooTransport(rendezvous, rank, world, config.collective_timeout_s)
+
+
+def gpu_cache_budget(utilization: float) -> int:
+    """What the KV cache may take on this GPU once the weights are loaded: up to `utilization` of it."""
+    free, total = torch.cuda.mem_get_info()
+    budget = int(free - (1.0 - utilization) * total)
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization}")
+    return budget
 
 
 def instance_bundles(expert_shards: int, router_cpus: float, expert_cpus: float, gpu: bool) -> list[dict]:
@@ -78,8 +87,12 @@ class RouterHost:
         self.experts = [self._spawn_expert(i) for i in range(config.expert_shards)]
         dtype = config.torch_dtype
         model = load_router_model(CheckpointReader(config.model_path), self.model_config, dtype, self.device)
-        cache_bytes = config.kv_cache_bytes or default_cache_bytes(
-            self.model_config, config.max_num_seqs, config.max_model_len, config.block_size, dtype
+        cache_bytes = config.kv_cache_bytes or (
+            gpu_cache_budget(config.gpu_memory_utilization)
+            if self.device.type == "cuda"
+            else default_cache_bytes(
+                self.model_config, config.max_num_seqs, config.max_model_len, config.block_size, dtype
+            )
         )
         cache = KVCache(
             self.model_config, cache_bytes, config.max_num_seqs, config.block_size, dtype, self.device

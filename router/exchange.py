@@ -125,6 +125,7 @@ class CollectiveExperts:
         self.stats = ExchangeStats()
         self.detail = False
         self._step = 0
+        self._side_stream: torch.cuda.Stream | None = None
 
     def begin_step(self, num_tokens: int) -> None:
         self._step += 1
@@ -135,6 +136,14 @@ class CollectiveExperts:
 
     def heartbeat(self) -> None:
         self.transport.broadcast_header(header(Op.HEARTBEAT))
+
+    def _beside_the_exchange(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """On a GPU, runs `compute` on a side stream so it overlaps the collectives on the main one."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        self._side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side_stream):
+            return compute()
 
     def __call__(self, layer, hidden, ids, weights, shared):
         start = time.perf_counter()
@@ -149,9 +158,12 @@ class CollectiveExperts:
         self.transport.all_to_all(payload, splits, [0] * world).wait()
         combine = self.transport.all_to_all(hidden.new_empty(0, hidden.shape[1]), [0] * world, splits)
         dispatched = time.perf_counter()
-        out = shared()
+        out = self._beside_the_exchange(shared) if hidden.is_cuda else shared()
         overlapped = time.perf_counter() - dispatched
-        out.index_add_(0, plan.token_index, combine.wait())
+        partial = combine.wait()
+        if hidden.is_cuda:
+            torch.cuda.current_stream().wait_stream(self._side_stream)
+        out.index_add_(0, plan.token_index, partial)
         rows = plan.token_index.numel()
         self.stats.rows_sent += rows
         self.stats.payload_bytes += rows * hidden.shape[1] * hidden.dtype.itemsize
