@@ -13,9 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.api_gate import Gatekeeper, configure
 from cluster.async_engine import EngineStopped
+from cluster.metrics import RequestMetrics
 from cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,7 +34,16 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="moe-cluster", description="OpenAI-compatible API for sparse MoE models on Ray")
 
 
+def _count(status: int) -> None:
+    """Counts a finished request by its status, once the ingress has set its metrics up."""
+    requests: RequestMetrics | None = getattr(app.state, "requests", None)
+    print("DEBUGCOUNT", status, requests, id(app), flush=True)
+    if requests is not None:
+        requests.record(status)
+
+
 def _error_response(err: OpenAIError) -> JSONResponse:
+    _count(err.status)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -46,49 +57,19 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
     return _error_response(exc)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths, wrong methods and bodies FastAPI cannot parse: OpenAI's shape, not {"detail"}."""
+    return _error_response(OpenAIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
+
+
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error")
     return _error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", type_="server_error"))
 
 
-class Gatekeeper:
-    """ASGI middleware: API keys on /v1 and the request-size limit, before any body is parsed."""
-
-    def __init__(self, inner: ASGIApp) -> None:
-        self.inner = inner
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        settings: ServeOptions | None = getattr(app.state, "options", None)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        keys: set[str] = getattr(app.state, "api_keys", set())
-        if keys and scope["path"].startswith("/v1"):
-            auth = headers.get("authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if token not in keys:
-                err = OpenAIError(401, "missing or invalid API key", code="invalid_api_key")
-                return await _error_response(err)(scope, receive, send)
-        limit = settings.max_request_bytes if settings else 1 << 20
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            err = OpenAIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-            return await _error_response(err)(scope, receive, send)
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise OpenAIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-            return message
-
-        return await self.inner(scope, limited_receive, send)
-
-
-app.add_middleware(Gatekeeper)
+app.add_middleware(Gatekeeper, respond=_error_response)
 
 
 def _engine_error(err: Exception) -> OpenAIError:
@@ -233,11 +214,19 @@ async def resumable_stream(handle: DeploymentHandle, request: dict) -> AsyncIter
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
+        status = 500
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
+            status = 200
         except OpenAIError as err:  # the response has started: report in-band, as OpenAI does
+            status = err.status
             yield f"data: {json.dumps(err.body())}\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away
+            raise
+        finally:
+            _count(status)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
@@ -251,8 +240,9 @@ class OpenAIIngress:
         self.engine = engine
         self.stream_handle = engine.options(stream=True)
         self.model_name = self.options.model_name()
-        app.state.options = self.options
-        app.state.api_keys = self.options.api_keys()
+        configure(self.options.api_keys(), self.options.max_request_bytes)
+        app.state.requests = RequestMetrics(self.model_name)
+        print("DEBUGINIT", id(app), app.state.requests, flush=True)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -279,12 +269,12 @@ class OpenAIIngress:
     async def _open(self, requests: list[dict]) -> tuple[list[AsyncIterator[dict]], int]:
         """Starts one engine stream per choice; returns them and the prompt length once all are accepted."""
         streams = [resumable_stream(self.stream_handle, r) for r in requests]
-        try:
-            firsts = await asyncio.gather(*(s.__anext__() for s in streams))
-        except Exception as err:
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        if failed:
             for s in streams:
                 await s.aclose()
-            raise _engine_error(err) from None
+            raise _engine_error(failed[0]) from None
         return streams, firsts[0]["prompt_tokens"]
 
     @app.post("/v1/completions")
@@ -306,6 +296,7 @@ class OpenAIIngress:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return _sse(self._completion_chunks(streams, shape, with_logprobs, prompt_tokens, include_usage))
         choices, used = await _collect(streams)
+        _count(200)
         return {
             **shape,
             "choices": [
@@ -356,6 +347,7 @@ class OpenAIIngress:
                 self._chat_chunks(streams, body.n, shape, body.logprobs, prompt_tokens, include_usage)
             )
         choices, used = await _collect(streams)
+        _count(200)
         return {
             **shape,
             "object": "chat.completion",

@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 MAX_N = 16
 MAX_STOP = 4
@@ -31,7 +40,15 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-Number = Annotated[float, Field(allow_inf_nan=False)]
+def _number(value: Any) -> Any:
+    """JSON numbers only: "0.5" and true are errors, not 0.5 and 1.0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+MAX_TOP_K = 1 << 20
 
 
 class SamplingFields(BaseModel):
@@ -43,7 +60,9 @@ class SamplingFields(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number = Field(1.0, ge=0.0, le=2.0)
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0, description="extension: sample from the k most likely tokens")
+    top_k: StrictInt = Field(
+        0, ge=0, le=MAX_TOP_K, description="extension: sample from the k most likely tokens"
+    )
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N)
