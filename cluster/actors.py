@@ -16,6 +16,7 @@ import torch
 from ray.util import get_current_placement_group
 
 from cluster.config import EngineConfig
+from cluster.metrics import ExpertMetrics, attach_engine_metrics, model_instance_id
 from cluster.router_host import Prompt, RouterHost, device_for, limit_threads, open_transport
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
@@ -48,6 +49,7 @@ class ExpertActor:
             CheckpointReader(config.model_path), model.moe_layers, placement.experts_of(shard), self.dtype
         )
         self.shard = shard_weights.to(device_for(config.device == "cuda"))
+        self.metrics = ExpertMetrics(model_instance_id(), shard) if config.metrics else None
 
     def info(self) -> dict:
         return {
@@ -61,7 +63,8 @@ class ExpertActor:
         """Joins the group and runs the SPMD loop until the router says STOP; returns steps served."""
         transport = open_transport(rendezvous, self.shard_index + 1, self.config)
         try:
-            return run_expert_loop(transport, self.shard, self.top_k, self.dtype)
+            on_step = self.metrics.on_step if self.metrics else None
+            return run_expert_loop(transport, self.shard, self.top_k, self.dtype, on_step)
         finally:
             transport.close()
 
@@ -84,6 +87,7 @@ class RouterActor:
     def __init__(self, config: EngineConfig) -> None:
         self.host = RouterHost(config, get_current_placement_group())
         self.engine = self.host.engine_loop()
+        attach_engine_metrics(self.engine, self.host, config.model_path.name)
 
     async def generate(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Completion]:
         token_ids = [self.host.encode(p) for p in prompts]

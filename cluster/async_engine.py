@@ -17,12 +17,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from router.engine_core import EngineCore, TokenEvent
 from router.sampling import SamplingParams
 from router.scheduler import QueueFull
 from router.transport import TransportError
+
+if TYPE_CHECKING:
+    from cluster.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +67,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopped = False
         self.error: BaseException | None = None
+        self.metrics: EngineMetrics | None = None  # set by the owner to export metrics (cluster.metrics)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -85,13 +89,15 @@ class AsyncEngine:
             raise EngineStopped("engine loop is not running") from self.error
         self.core.validate(prompt_ids, params)
         request_id = f"r{next(self._ids)}"
-        with self._lock:
-            queued = len(self.core.scheduler.waiting) + self._pending
-            if queued >= self.core.scheduler.config.max_waiting:
-                raise QueueFull(f"{queued} requests already waiting")
+        with self._lock:  # held by the engine thread too while it adds: the check and the add agree
+            if not self.core.scheduler.has_room(self._pending):
+                waiting = len(self.core.scheduler.waiting) + self._pending
+                raise QueueFull(f"all sequence slots taken and {waiting} requests waiting")
             self._pending += 1
         listener = _Listener(asyncio.get_running_loop(), asyncio.Queue())
         self._listeners[request_id] = listener
+        if self.metrics is not None:
+            self.metrics.request_arrived(request_id, len(prompt_ids))
         self._inbox.put(("add", request_id, prompt_ids, params))
         self._wake.set()
         return self._events(request_id, listener)
@@ -110,6 +116,8 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(("abort", request_id))
                 self._wake.set()
+                if self.metrics is not None:
+                    self.metrics.request_dropped(request_id)
 
     async def run_in_loop(self, fn: Callable[[EngineCore], T]) -> T:
         """Runs fn on the engine thread between two steps (the core is not thread-safe)."""
@@ -148,12 +156,12 @@ class AsyncEngine:
                 continue
             with self._lock:
                 self._pending -= 1
-            if request_id not in self._listeners:
-                continue  # gave up before it was scheduled
-            try:
-                self.core.add_request(*args, request_id=request_id)
-            except (ValueError, QueueFull) as err:
-                self._deliver(request_id, err)
+                if request_id not in self._listeners:
+                    continue  # gave up before it was scheduled
+                try:
+                    self.core.add_request(*args, request_id=request_id)
+                except (ValueError, QueueFull) as err:  # checked at submit; never let one kill the loop
+                    self._deliver(request_id, err)
 
     def _with_recovery(self, call: Callable[[], T]) -> T:
         failed_at, attempts = None, 0
@@ -177,12 +185,18 @@ class AsyncEngine:
             while not self._stopped:
                 self._drain_inbox()
                 if not self.core.has_work():
+                    if self.metrics is not None:
+                        self.metrics.idle()
                     if not self._wake.wait(timeout=self._heartbeat_s):
                         self._with_recovery(self.core.experts.heartbeat)
                     self._wake.clear()
                     continue
-                for event in self._with_recovery(self.core.step):
+                started = time.perf_counter()
+                events = self._with_recovery(self.core.step)
+                for event in events:
                     self._deliver(event.request_id, event)
+                if self.metrics is not None:
+                    self.metrics.step_done(events, started)
         except BaseException as err:
             log.exception("engine loop failed")
             self.error = err

@@ -141,6 +141,56 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from cluster.batch import BatchOptions, run_batch
+
+    names = ("max_num_seqs", "max_model_len", "router_cpus", "expert_cpus")
+    engine_options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options = BatchOptions(
+        input=args.input,
+        output=args.output,
+        model=_model_path(args.model),
+        expert_shards=args.expert_shards,
+        replicas=args.replicas,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        overwrite=args.overwrite,
+        engine_options=engine_options,
+        progress_interval_s=args.progress_interval,
+    )
+    print(run_batch(options).summary(), flush=True)
+    return 0
+
+
+def cmd_dashboards_export(args: argparse.Namespace) -> int:
+    from cluster.dashboards_cli import export
+
+    for path in export(args.directory):
+        print(path)
+    return 0
+
+
+def cmd_dashboards_push(args: argparse.Namespace) -> int:
+    import os
+
+    from cluster.dashboards_cli import PushError, push
+
+    try:
+        urls = push(args.grafana_url, args.token or os.environ.get("GRAFANA_TOKEN"), args.folder)
+    except PushError as err:
+        print(f"moe-cluster: {err}", file=sys.stderr)
+        return 1
+    for url in urls:
+        print(url)
+    return 0
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from cluster.k8s import run_command
+
+    return run_command(args, _serve_options)
+
+
 def _add_serve_flags(parser: argparse.ArgumentParser, host: str) -> None:
     parser.add_argument("--model", help="model directory on every node (default: the demo model)")
     parser.add_argument("--served-model-name")
@@ -189,6 +239,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_flags(config_cmd, host="0.0.0.0")
     config_cmd.add_argument("-o", "--output", help="file to write (default: stdout)")
     config_cmd.set_defaults(run=cmd_serve_config)
+
+    batch = sub.add_parser("batch", help="JSONL prompts in, JSONL completions out; a rerun resumes")
+    batch.add_argument("--input", type=Path, required=True, help='{"id", "prompt" or "messages"} per line')
+    batch.add_argument("--output", type=Path, required=True, help="appended to; an existing one is resumed")
+    batch.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
+    batch.add_argument("--expert-shards", type=int, default=1)
+    batch.add_argument("--replicas", type=int, default=1, help="model instances working in parallel")
+    batch.add_argument("--max-tokens", type=int, default=32, help="default for records without max_tokens")
+    batch.add_argument("--temperature", type=float, default=0.0, help="default for records without one")
+    batch.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    batch.add_argument("--max-num-seqs", type=int)
+    batch.add_argument("--max-model-len", type=int)
+    batch.add_argument("--router-cpus", type=float)
+    batch.add_argument("--expert-cpus", type=float)
+    batch.add_argument("--progress-interval", type=float, default=5.0, help="seconds between log lines")
+    batch.set_defaults(run=cmd_batch)
+
+    dashboards = sub.add_parser("dashboards", help="the Grafana dashboards and alert rules")
+    dash_sub = dashboards.add_subparsers(dest="dashboards_command", required=True)
+    export_cmd = dash_sub.add_parser("export", help="write the dashboards' JSON and alerts.yaml into DIR")
+    export_cmd.add_argument("directory", type=Path, metavar="DIR")
+    export_cmd.set_defaults(run=cmd_dashboards_export)
+    push_cmd = dash_sub.add_parser("push", help="create or update the dashboards in a Grafana (HTTP API)")
+    push_cmd.add_argument("--grafana-url", required=True, help="e.g. http://grafana:3000")
+    push_cmd.add_argument("--token", help="service account token (default: $GRAFANA_TOKEN)")
+    push_cmd.add_argument("--folder", help="folder title, created if missing (default: General)")
+    push_cmd.set_defaults(run=cmd_dashboards_push)
+
+    k8s = sub.add_parser("k8s", help="render, apply, inspect or delete the RayService (Kubernetes API)")
+    from cluster.k8s import add_arguments as add_k8s_arguments
+
+    add_k8s_arguments(k8s, _add_serve_flags)
+    k8s.set_defaults(run=cmd_k8s)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 from ray.util import get_current_placement_group
 
+from cluster.metrics import attach_engine_metrics
 from cluster.router_host import RouterHost
 from cluster.serve_options import ServeOptions
 from router.engine_core import InvalidRequest, TokenEvent
@@ -26,6 +27,7 @@ class EngineServer:
         self.options = ServeOptions.model_validate(options)
         self.host = RouterHost(self.options.engine_config(), get_current_placement_group())
         self.engine = self.host.engine_loop()
+        attach_engine_metrics(self.engine, self.host, self.options.model_name())
 
     def model_info(self) -> dict[str, Any]:
         return {

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.api_gate import Gatekeeper, configure
 from cluster.async_engine import EngineStopped
-from cluster.metrics import RequestMetrics
+from cluster.metrics import count_request, start_request_metrics
 from cluster.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,16 +34,8 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="moe-cluster", description="OpenAI-compatible API for sparse MoE models on Ray")
 
 
-def _count(status: int) -> None:
-    """Counts a finished request by its status, once the ingress has set its metrics up."""
-    requests: RequestMetrics | None = getattr(app.state, "requests", None)
-    print("DEBUGCOUNT", status, requests, id(app), flush=True)
-    if requests is not None:
-        requests.record(status)
-
-
 def _error_response(err: OpenAIError) -> JSONResponse:
-    _count(err.status)
+    count_request(err.status)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -226,7 +218,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             status = 499  # the client went away
             raise
         finally:
-            _count(status)
+            count_request(status)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
@@ -241,8 +233,7 @@ class OpenAIIngress:
         self.stream_handle = engine.options(stream=True)
         self.model_name = self.options.model_name()
         configure(self.options.api_keys(), self.options.max_request_bytes)
-        app.state.requests = RequestMetrics(self.model_name)
-        print("DEBUGINIT", id(app), app.state.requests, flush=True)
+        start_request_metrics(self.model_name)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -296,7 +287,7 @@ class OpenAIIngress:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return _sse(self._completion_chunks(streams, shape, with_logprobs, prompt_tokens, include_usage))
         choices, used = await _collect(streams)
-        _count(200)
+        count_request(200)
         return {
             **shape,
             "choices": [
@@ -347,7 +338,7 @@ class OpenAIIngress:
                 self._chat_chunks(streams, body.n, shape, body.logprobs, prompt_tokens, include_usage)
             )
         choices, used = await _collect(streams)
-        _count(200)
+        count_request(200)
         return {
             **shape,
             "object": "chat.completion",

@@ -55,6 +55,9 @@ class ServeOptions(BaseModel):
     max_waiting: int = Field(256, ge=0)
     kv_cache_bytes: int | None = Field(None, ge=1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    collective_timeout_s: float = Field(60.0, gt=0, description="a stalled expert group fails after this")
+    metrics: bool = True
+    expert_layer_metrics: bool = False
     max_request_bytes: int = Field(1 << 20, ge=1024)
     api_keys_env: str = "MOE_CLUSTER_API_KEYS"
     api_key_file: str | None = None
@@ -86,6 +89,8 @@ class ServeOptions(BaseModel):
             max_waiting=self.max_waiting,
             kv_cache_bytes=self.kv_cache_bytes,
             placement_strategy=self.placement_strategy,
+            metrics=self.metrics,
+            expert_layer_metrics=self.expert_layer_metrics,
         )
 
     def api_keys(self) -> set[str]:

@@ -53,6 +53,8 @@ class EngineCore:
         self._ids = itertools.count()
         self.steps = 0  # model forwards run by step(), and their accumulated wall time
         self.step_seconds = 0.0
+        self.last_step_sequences = 0  # the batch of the last step() (for metrics)
+        self.last_step_tokens = 0
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -125,6 +127,7 @@ class EngineCore:
             raise
         self.step_seconds += time.perf_counter() - started
         self.steps += 1
+        self.last_step_sequences, self.last_step_tokens = len(step.seqs), len(tokens)
         for seq, n in zip(step.seqs, step.lengths, strict=True):
             seq.num_computed += n
         sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]

@@ -7,6 +7,8 @@ only attention pads, per part of the step (see kv_cache.AttentionBatch).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,8 +143,11 @@ class MoEBlock(nn.Module):
         self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 
     def forward(self, x: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
+        started = time.perf_counter()
         logits = F.linear(x.float(), self.router.gate.weight)
         ids, weights = self.gating(logits, self.expert_bias, self.top_k, self.route_scale)
+        if experts.detail:
+            experts.stats.gate_seconds += time.perf_counter() - started
 
         def shared() -> torch.Tensor:
             return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
@@ -167,7 +172,10 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, x, rope, cache: KVCache, batch: AttentionBatch, experts: RoutedExperts):
+        started = time.perf_counter()
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, batch))
+        if experts.detail:  # host time: on CUDA the kernels may still be running (see README, Observability)
+            experts.stats.attention_seconds += time.perf_counter() - started
         h = self.pre_mlp_layernorm(x)
         h = self.mlp(h, experts) if self.is_moe else self.mlp(h)
         return x + self.post_mlp_layernorm(h)

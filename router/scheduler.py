@@ -24,7 +24,7 @@ class SchedulerConfig:
 
 
 class QueueFull(RuntimeError):
-    """The waiting queue is at its limit; the caller should retry later."""
+    """Every sequence slot is taken and the waiting queue is at its limit; retry later."""
 
 
 @dataclass
@@ -41,11 +41,20 @@ class Scheduler:
         self.cache = cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_active = 0  # running + waiting; changed only by add and finish, so safe to read anywhere
+
+    def has_room(self, incoming: int = 0) -> bool:
+        """Room for one more request beside `incoming` ones not added yet.
+
+        Requests beyond the free sequence slots wait, at most max_waiting of them.
+        """
+        return self.num_active + incoming < self.config.max_num_seqs + self.config.max_waiting
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests already waiting")
+        if not self.has_room():
+            raise QueueFull(f"{self.config.max_num_seqs} sequences running and {len(self.waiting)} waiting")
         self.waiting.append(seq)
+        self.num_active += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -85,8 +94,10 @@ class Scheduler:
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
+            self.num_active -= 1
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self.num_active -= 1
         if seq.blocks is not None:
             self.cache.release(seq.blocks)
             seq.blocks = None

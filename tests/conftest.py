@@ -71,11 +71,24 @@ def ray_cluster():
     """A local Ray cluster for the whole session; engines join it instead of starting their own.
 
     It advertises 8 logical CPUs on this 2-core machine so that a router and 4 expert actors fit;
-    each actor still runs a single compute thread.
+    each actor still runs a single compute thread. Ray's metrics agent serves the Prometheus text of
+    every metric on the port it yields (see `metrics_export_port`).
     """
-    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    yield
+    port = free_port()
+    ray.init(
+        num_cpus=8,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        _metrics_export_port=port,
+    )
+    yield port
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_export_port(ray_cluster) -> int:
+    return ray_cluster
 
 
 @pytest.fixture(scope="session")

@@ -182,23 +182,28 @@ def test_admission_waits_for_a_sliding_window_ring() -> None:
     assert _lengths(sched.schedule()) == {"b": 3}
 
 
-def test_queue_full_when_waiting_is_at_max_waiting() -> None:
+def test_queue_full_once_slots_and_waiting_places_are_taken() -> None:
+    """Requests beyond the free sequence slots wait, at most max_waiting of them."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_waiting=2), _cache())
+    for name in "abc":  # one for the slot, two waiting
+        sched.add(_seq(name, 2))
+    with pytest.raises(QueueFull):
+        sched.add(_seq("d", 2))
+    assert len(sched.waiting) == 3
+    sched.schedule()  # a takes the slot: still 1 running + 2 waiting, no room
+    with pytest.raises(QueueFull):
+        sched.add(_seq("d", 2))
+    sched.finish(sched.running[0], "stop")
+    sched.add(_seq("d", 2))
+    assert sched.num_active == 3
+
+
+def test_max_waiting_zero_admits_only_what_the_slots_hold() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_waiting=0), _cache())
     sched.add(_seq("a", 2))
     sched.add(_seq("b", 2))
     with pytest.raises(QueueFull):
         sched.add(_seq("c", 2))
-    assert len(sched.waiting) == 2
-    sched.schedule()  # admits a: one waiting place frees up
-    sched.add(_seq("c", 2))
-    with pytest.raises(QueueFull):
-        sched.add(_seq("d", 2))
-
-
-def test_max_waiting_zero_refuses_everything() -> None:
-    sched = Scheduler(SchedulerConfig(max_waiting=0), _cache())
-    with pytest.raises(QueueFull):
-        sched.add(_seq("a", 2))
 
 
 def test_finish_releases_blocks_and_forgets_the_sequence() -> None:

@@ -1,0 +1,365 @@
+"""Operator metrics through Ray's metrics agent: every name here is exported as `ray_<name>`.
+
+The hot paths only add to plain counters (`router/` keeps them: EngineCore, ExchangeStats, ExpertStats)
+and this module turns those into Ray metrics, aggregated per engine step or per flush interval, never
+per token:
+
+- per request (ingress): `moe_requests_total{status}`, the HTTP status each request ended with
+  (499: the client went away mid-stream; an error reported inside a started stream counts as its code);
+- per request (engine loop): time to first token and end-to-end latency histograms, prompt tokens;
+- per step (engine loop): step duration, sequences and tokens per step, and one inter-token latency
+  observation: the gap since the previous token-producing step, which every decoding sequence of the
+  step waited (so its percentiles are over steps, not tokens);
+- per flush interval (engine loop): running and waiting sequences, KV-cache usage, generated tokens,
+  step time split by phase, exchange bytes, tokens routed per expert (totals over layers; per
+  (layer, expert) only with `expert_layer_metrics`), per-layer rank imbalance, expert health/restarts;
+- per flush interval (expert actors): expert compute time and rows received per shard.
+
+Ray exports counters with a `_total` suffix and histograms as `_bucket`/`_sum`/`_count`; a histogram's
+`_sum` is rebuilt by Ray from bucket midpoints, so means from it are approximate (percentiles are not
+affected).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import ray
+import torch
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from router.engine_core import EngineCore, TokenEvent
+from router.exchange import ExpertStats
+
+if TYPE_CHECKING:
+    from cluster.async_engine import AsyncEngine
+    from cluster.router_host import RouterHost
+
+REQUEST_LATENCY_BUCKETS_S = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+    15.0, 20.0, 30.0, 60.0, 120.0,
+]  # fmt: skip
+STEP_LATENCY_BUCKETS_S = [
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+]  # fmt: skip
+BATCH_SEQUENCES_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+BATCH_TOKENS_BUCKETS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+PHASES = ("attention", "dense", "gate", "exchange", "schedule_sample")
+FLUSH_INTERVAL_S = 1.0
+# Ray 2.60's metrics agent drops a gauge that was not set for two report intervals (20 s by default),
+# even while its process lives and its value holds: the last values are set again this often.
+GAUGE_REFRESH_S = 5.0
+ENGINE_TAGS = ("model", "model_instance")
+EXPERT_TAGS = ("model_instance", "shard")
+
+
+def model_instance_id() -> str:
+    """Names one model instance: its placement group (shared by the router and its expert actors)."""
+    context = ray.get_runtime_context()
+    return context.get_placement_group_id() or context.get_actor_id() or "driver"
+
+
+def rank_imbalance(expert_tokens: torch.Tensor, shard_of: torch.Tensor, num_shards: int) -> float | None:
+    """max / mean of the (token, expert) pairs each rank computed; 1.0 is perfect balance, None if idle."""
+    per_rank = torch.zeros(num_shards, dtype=torch.float64).index_add_(0, shard_of, expert_tokens.double())
+    mean = float(per_rank.mean())
+    return float(per_rank.max()) / mean if mean > 0 else None
+
+
+class _Delta:
+    """Turns a cumulative value into increments; a value that went down (a reset) counts from zero."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.last = start
+
+    def __call__(self, value: float) -> float:
+        delta = value - self.last if value >= self.last else value
+        self.last = value
+        return delta
+
+
+class RequestMetrics:
+    """The ingress's count of finished HTTP requests by status code."""
+
+    def __init__(self, model: str) -> None:
+        self.requests = Counter(
+            "moe_requests", "HTTP requests by the status they ended with", tag_keys=("model", "status")
+        ).set_default_tags({"model": model})
+
+    def record(self, status: int) -> None:
+        self.requests.inc(1, {"status": str(status)})
+
+
+# The ingress process's request counter. Module state rather than FastAPI's app.state: Serve pickles the
+# ingress class by value, so its methods and the module's functions do not see the same `app` object.
+_requests: RequestMetrics | None = None
+
+
+def start_request_metrics(model: str) -> None:
+    global _requests
+    _requests = RequestMetrics(model)
+
+
+def count_request(status: int) -> None:
+    """Counts a finished API request by its HTTP status (nothing before start_request_metrics)."""
+    if _requests is not None:
+        _requests.record(status)
+
+
+class EngineMetrics:
+    """The router's metrics, fed by the engine loop thread (and `request_*` from the event loop).
+
+    `experts_alive` and `expert_restarts` report the expert actors' health and how many were replaced.
+    """
+
+    def __init__(
+        self,
+        core: EngineCore,
+        model: str,
+        instance: str,
+        experts_alive: Callable[[], bool],
+        expert_restarts: Callable[[], int],
+        expert_layer_metrics: bool = False,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+    ) -> None:
+        self.core = core
+        self._experts_alive = experts_alive
+        self._expert_restarts = expert_restarts
+        self.flush_interval_s = flush_interval_s
+        placement = core.experts.placement
+        self._shard_of, self._num_shards = placement.shard_of, placement.num_shards
+        core.experts.detail = True
+        tags = {"model": model, "model_instance": instance}
+
+        def counter(name: str, doc: str, *keys: str) -> Counter:
+            return Counter(name, doc, tag_keys=ENGINE_TAGS + keys).set_default_tags(tags)
+
+        def gauge(name: str, doc: str, *keys: str) -> Gauge:
+            return Gauge(name, doc, tag_keys=ENGINE_TAGS + keys).set_default_tags(tags)
+
+        def histogram(name: str, doc: str, buckets: list) -> Histogram:
+            return Histogram(name, doc, boundaries=buckets, tag_keys=ENGINE_TAGS).set_default_tags(tags)
+
+        self.ttft = histogram(
+            "moe_time_to_first_token_seconds",
+            "From a request's arrival at the engine to its first token",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self.e2e = histogram(
+            "moe_e2e_request_latency_seconds",
+            "From a request's arrival at the engine to its last token",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self.itl = histogram(
+            "moe_inter_token_latency_seconds",
+            "Gap between consecutive tokens of the decoding sequences, one observation per step",
+            STEP_LATENCY_BUCKETS_S,
+        )
+        self.step_time = histogram(
+            "moe_step_duration_seconds", "Engine step: schedule, forward, sample", STEP_LATENCY_BUCKETS_S
+        )
+        self.batch_sequences = histogram(
+            "moe_batch_sequences", "Sequences in an engine step", BATCH_SEQUENCES_BUCKETS
+        )
+        self.batch_tokens = histogram("moe_batch_tokens", "Tokens in an engine step", BATCH_TOKENS_BUCKETS)
+        self.prompt_tokens = counter("moe_prompt_tokens", "Prompt tokens prefilled (counted at first token)")
+        self.generation_tokens = counter("moe_generation_tokens", "Tokens generated")
+        self.running = gauge("moe_running_sequences", "Sequences being computed (holding KV blocks)")
+        self.waiting = gauge("moe_waiting_sequences", "Sequences waiting for admission")
+        self.kv_usage = gauge("moe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+        self.phase_seconds = counter(
+            "moe_step_phase_seconds", "Router time per step phase (attention, dense, gate, ...)", "phase"
+        )
+        self.exchange_bytes = counter(
+            "moe_exchange_bytes", "Bytes the router dispatched to expert ranks (payload, meta)", "kind"
+        )
+        self.expert_tokens = counter(
+            "moe_expert_tokens", "(token, expert) pairs routed to each expert, over all layers", "expert"
+        )
+        self.layer_expert_tokens = (
+            counter(
+                "moe_expert_layer_tokens", "(token, expert) pairs per layer and expert", "layer", "expert"
+            )
+            if expert_layer_metrics
+            else None
+        )
+        self.imbalance = gauge(
+            "moe_expert_imbalance",
+            "Per MoE layer: max / mean (token, expert) pairs per expert rank over the last flush interval",
+            "layer",
+        )
+        self.alive = gauge("moe_experts_alive", "1 while every expert actor's loop runs, else 0")
+        # A gauge, not a counter: Ray cannot export a counter at 0, and a counter series that first
+        # appears at 1 hides the first restart from increase().
+        self.restarts = gauge("moe_expert_restarts", "Expert actors replaced since the replica started")
+
+        self._waiting_first: dict[str, tuple[float, int]] = {}  # request -> (arrival, prompt tokens)
+        self._started: dict[str, float] = {}  # request with a first token -> arrival
+        self._last_emit: float | None = None
+        self._steps_seen = core.steps
+        self._step_forward = _Delta(core.step_seconds)
+        self._generated = 0
+        self._prompt = 0
+        self._host_seconds = 0.0  # step time outside the model forward (schedule, batch, sample)
+        names = "generated prompt host forward attention gate exchange payload meta"
+        self._deltas = {name: _Delta() for name in names.split()}
+        self._next_flush = 0.0
+        self._gauges: dict[tuple, tuple[Gauge, float, dict[str, str] | None]] = {}
+        self._gauges_lock = threading.Lock()
+        threading.Thread(target=self._refresh_gauges, name="metrics-gauges", daemon=True).start()
+
+    def request_arrived(self, request_id: str, prompt_tokens: int) -> None:
+        self._waiting_first[request_id] = (time.perf_counter(), prompt_tokens)
+
+    def request_dropped(self, request_id: str) -> None:
+        """A request that ended without its last token (rejected, aborted, engine stopped)."""
+        self._waiting_first.pop(request_id, None)
+        self._started.pop(request_id, None)
+
+    def step_done(self, events: list[TokenEvent], started: float) -> None:
+        """After each engine loop step; `started` is perf_counter() before core.step()."""
+        now = time.perf_counter()
+        core = self.core
+        if core.steps != self._steps_seen:
+            forward = self._step_forward(core.step_seconds)
+            self._steps_seen = core.steps
+            self.step_time.observe(now - started)
+            self.batch_sequences.observe(core.last_step_sequences)
+            self.batch_tokens.observe(core.last_step_tokens)
+            self._host_seconds += max(0.0, now - started - forward)
+        decoding = False
+        for event in events:
+            first = self._waiting_first.pop(event.request_id, None)
+            if first is not None:
+                self.ttft.observe(now - first[0])
+                self._prompt += first[1]
+                self._started[event.request_id] = first[0]
+            else:
+                decoding = True
+            if event.finish_reason is not None:
+                arrived = self._started.pop(event.request_id, None)
+                if arrived is not None:
+                    self.e2e.observe(now - arrived)
+        if events:
+            if decoding and self._last_emit is not None:
+                self.itl.observe(now - self._last_emit)
+            self._last_emit = now
+            self._generated += len(events)
+        if now >= self._next_flush:
+            self.flush()
+
+    def idle(self) -> None:
+        """The engine has no work: publish the idle state now, and restart the token gap clock."""
+        self._last_emit = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Counters and gauges from the accumulated plain counters; runs on the engine loop thread."""
+        self._next_flush = time.perf_counter() + self.flush_interval_s
+        core, stats, d = self.core, self.core.experts.stats, self._deltas
+        scheduler = core.scheduler
+        self._set(self.running, len(scheduler.running))
+        self._set(self.waiting, len(scheduler.waiting))
+        self._set(self.kv_usage, core.cache.usage())
+        self._inc(self.generation_tokens, d["generated"](self._generated))
+        self._inc(self.prompt_tokens, d["prompt"](self._prompt))
+        attention, gate = d["attention"](stats.attention_seconds), d["gate"](stats.gate_seconds)
+        exchange, forward = d["exchange"](stats.seconds), d["forward"](core.step_seconds)
+        phases = {
+            "attention": attention,
+            "dense": max(0.0, forward - attention - gate - exchange),
+            "gate": gate,
+            "exchange": exchange,
+            "schedule_sample": d["host"](self._host_seconds),
+        }
+        for phase, seconds in phases.items():
+            self._inc(self.phase_seconds, seconds, {"phase": phase})
+        self._inc(self.exchange_bytes, d["payload"](stats.payload_bytes), {"kind": "payload"})
+        self._inc(self.exchange_bytes, d["meta"](stats.meta_bytes), {"kind": "meta"})
+        self._flush_experts(stats.expert_tokens)
+        stats.expert_tokens = {}
+        self._set(self.alive, 1.0 if self._experts_alive() else 0.0)
+        self._set(self.restarts, self._expert_restarts())
+
+    def _flush_experts(self, per_layer: dict[int, torch.Tensor]) -> None:
+        if not per_layer:
+            return
+        first_moe = self.core.config.num_dense_layers
+        counts = {layer: tokens.cpu() for layer, tokens in per_layer.items()}
+        totals = torch.stack(list(counts.values())).sum(0)
+        for expert in totals.nonzero().flatten().tolist():
+            self.expert_tokens.inc(int(totals[expert]), {"expert": str(expert)})
+        for layer, tokens in counts.items():
+            ratio = rank_imbalance(tokens, self._shard_of, self._num_shards)
+            if ratio is not None:
+                self._set(self.imbalance, ratio, {"layer": str(first_moe + layer)})
+            if self.layer_expert_tokens is not None:
+                for expert in tokens.nonzero().flatten().tolist():
+                    tags = {"layer": str(first_moe + layer), "expert": str(expert)}
+                    self.layer_expert_tokens.inc(int(tokens[expert]), tags)
+
+    @staticmethod
+    def _inc(counter: Counter, value: float, tags: dict[str, str] | None = None) -> None:
+        if value > 0:
+            counter.inc(value, tags)
+
+    def _set(self, gauge: Gauge, value: float, tags: dict[str, str] | None = None) -> None:
+        gauge.set(value, tags)
+        with self._gauges_lock:
+            self._gauges[(id(gauge), *sorted((tags or {}).items()))] = (gauge, value, tags)
+
+    def _refresh_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._gauges_lock:
+                latest = list(self._gauges.values())
+            for gauge, value, tags in latest:
+                gauge.set(value, tags)
+
+
+def attach_engine_metrics(engine: AsyncEngine, host: RouterHost, model: str) -> None:
+    """Makes the engine loop export its metrics, unless the host's config turned them off."""
+    if host.config.metrics:
+        engine.metrics = EngineMetrics(
+            host.core,
+            model,
+            model_instance_id(),
+            host.experts_alive,
+            lambda: host.expert_restarts,
+            host.config.expert_layer_metrics,
+        )
+
+
+class ExpertMetrics:
+    """An expert actor's metrics: its compute time and rows, flushed from its loop's step callback."""
+
+    def __init__(self, instance: str, shard: int, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+        tags = {"model_instance": instance, "shard": str(shard)}
+        self.compute_seconds = Counter(
+            "moe_expert_compute_seconds",
+            "Time an expert rank spent in its experts' forward",
+            tag_keys=EXPERT_TAGS,
+        ).set_default_tags(tags)
+        self.rows = Counter(
+            "moe_expert_rows",
+            "Token rows an expert rank received (once per token and layer)",
+            tag_keys=EXPERT_TAGS,
+        ).set_default_tags(tags)
+        self.flush_interval_s = flush_interval_s
+        self._seconds, self._rows = _Delta(), _Delta()
+        self._next_flush = 0.0
+
+    def on_step(self, stats: ExpertStats) -> None:
+        now = time.perf_counter()
+        if now < self._next_flush:
+            return
+        self._next_flush = now + self.flush_interval_s
+        seconds, rows = self._seconds(stats.compute_seconds), self._rows(stats.rows)
+        if seconds > 0:
+            self.compute_seconds.inc(seconds)
+        if rows > 0:
+            self.rows.inc(rows)

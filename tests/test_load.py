@@ -1,0 +1,439 @@
+"""Load on the real Serve app: 64 concurrent streams for a minute, then a burst past the admission limits.
+
+The app "load" (one engine replica, two expert shards) admits max_num_seqs running and max_waiting
+waiting sequences within a fixed KV budget. Under a minute of 64 concurrent greedy streams nothing may
+fail and the memory of the engine's processes (sampled once a second) must stay within the KV budget
+plus a fixed allowance; a burst beyond the limits must be refused with 429 up front, while every
+accepted request runs to its end. Measurements go to RESULTS_PATH (and to stdout under `pytest -s`).
+A stub engine core pins down the admission rule itself: a request is refused up front or served, never
+accepted and refused later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import ray
+import torch
+from ray import serve
+
+from cluster.async_engine import AsyncEngine
+from router.config import ModelConfig
+from router.kv_cache import KVCache
+from router.sampling import SamplingParams
+from router.scheduler import QueueFull, Scheduler, SchedulerConfig
+from router.tokenizer import Tokenizer
+from tests.conftest import deploy_app
+
+pytestmark = pytest.mark.slow
+
+APP = "load"
+MAX_MODEL_LEN = 256
+MAX_NUM_SEQS, MAX_WAITING = 64, 16
+KV_BUDGET = 12 << 20  # the sliding-window rings of 64 sequences take 8 MiB of it, the rest is full blocks
+OPTIONS = {
+    "expert_shards": 2,
+    "router_cpus": 0.5,
+    "expert_cpus": 0.5,
+    "max_model_len": MAX_MODEL_LEN,
+    "max_num_seqs": MAX_NUM_SEQS,
+    "max_waiting": MAX_WAITING,
+    "kv_cache_bytes": KV_BUDGET,
+}
+CLIENTS, DURATION_S, LOAD_TOKENS = 64, 60.0, 16
+RSS_ALLOWANCE = 256 << 20
+BURST, BURST_PROMPT, BURST_TOKENS = 128, "A computer program", 200  # runs past 200 tokens without an end
+HTTP_TIMEOUT = httpx.Timeout(300.0, connect=30.0)
+RESULTS_PATH = Path("/tmp/moe_cluster_load.json")
+
+SUBJECTS = ["The harbour town", "A computer program", "The weather today", "When you cook rice"]
+
+
+def load_prompt(client: int, request: int) -> str:
+    return f"{SUBJECTS[client % len(SUBJECTS)]} {client} {request % 7}"
+
+
+@dataclass
+class Result:
+    status: int = 0
+    chunks: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    errors: list[str] = field(default_factory=list)
+    done: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    body: dict | None = None  # the JSON body of a refused request
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.status == 200
+            and self.done
+            and not self.errors
+            and self.finish_reason in ("stop", "length")
+            and self.completion_tokens == len(self.chunks)
+        )
+
+
+async def stream_completion(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
+    out = Result()
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            out.status, out.headers = response.status_code, dict(response.headers)
+            if response.status_code != 200:
+                raw = await response.aread()
+                try:
+                    out.body = json.loads(raw)
+                except ValueError:
+                    out.errors.append(raw.decode(errors="replace"))
+                return out
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                if not line.startswith("data: "):
+                    out.errors.append(f"not an SSE data line: {line!r}")
+                    continue
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    out.done = True
+                    continue
+                chunk = json.loads(payload)
+                if "error" in chunk or out.done:
+                    out.errors.append(payload)
+                    continue
+                if chunk.get("usage"):
+                    out.completion_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if out.finish_reason is not None:
+                        out.errors.append(f"a chunk after the finishing one: {payload}")
+                    out.chunks.append(choice["text"])
+                    out.finish_reason = choice["finish_reason"]
+    except httpx.HTTPError as err:
+        out.errors.append(f"{type(err).__name__}: {err}")
+    return out
+
+
+def engine_pids(app: str) -> dict[str, int]:
+    """The engine replica's process and its expert actors' processes (those in its placement group)."""
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    alive = ("state", "=", "ALIVE")
+    [replica] = list_actors(
+        address=address, filters=[("class_name", "=", f"ServeReplica:{app}:MoEEngine"), alive], detail=True
+    )
+    experts = list_actors(address=address, filters=[("class_name", "=", "ExpertActor"), alive], detail=True)
+    pids = {"replica": replica.pid}
+    for a in experts:
+        if a.placement_group_id == replica.placement_group_id:
+            [bundle] = {m.group(1) for r in a.required_resources if (m := re.match(r"CPU_group_(\d+)_", r))}
+            pids[f"expert{bundle}"] = a.pid
+    assert len(pids) == 1 + OPTIONS["expert_shards"], pids
+    return pids
+
+
+def engine_handle(app: str = APP):
+    return serve.get_deployment_handle("MoEEngine", app_name=app)
+
+
+class Sampler:
+    """Once a second: the engine processes' RSS and the engine's ongoing sequences, in a thread."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 1.0) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.interval = interval
+        self.rss: list[int] = []
+        self.ongoing: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        try:
+            self.rss.append(sum(p.memory_info().rss for p in self.processes.values()))
+        except psutil.Error as err:  # a process of the engine went away: that alone is a failure
+            self.errors.append(repr(err))
+        try:
+            stats = engine_handle().record_autoscaling_stats.remote().result(timeout_s=30)
+            self.ongoing.append(stats["ongoing_sequences"])
+        except Exception as err:
+            self.errors.append(repr(err))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> Sampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.sample()
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def load_url(serve_http, demo_model) -> Iterator[str]:
+    deploy_app(APP, {"model": str(demo_model), **OPTIONS})
+    try:
+        yield f"{serve_http}/{APP}"
+    finally:
+        serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def model_name(load_url) -> str:
+    return httpx.get(f"{load_url}/v1/models", timeout=60).json()["data"][0]["id"]
+
+
+def record(key: str, value: object) -> None:
+    data = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.exists() else {}
+    data[key] = value
+    RESULTS_PATH.write_text(json.dumps(data, indent=2))
+    print(f"\n[load] {key}: {json.dumps(value)}")
+
+
+def test_kv_budget_holds_every_load_stream(demo_model):
+    """Precondition of the load test: the budget is the one the engine gets, and 64 streams fit in it."""
+    config = ModelConfig.from_model_dir(demo_model)
+    cache = KVCache(config, KV_BUDGET, MAX_NUM_SEQS, 16, torch.float32, torch.device("cpu"))
+    assert cache.nbytes <= KV_BUDGET
+    tokenizer = Tokenizer.from_model_dir(demo_model)
+    longest = max(len(tokenizer.encode(load_prompt(c, r))) for c in range(CLIENTS) for r in range(7))
+    assert CLIENTS * cache.blocks_for(longest + LOAD_TOKENS) <= cache.full_blocks.num_blocks
+    # a burst request fits alone, but fewer than max_num_seqs of them fit at once: the KV budget binds
+    burst_blocks = cache.blocks_for(len(tokenizer.encode(BURST_PROMPT)) + BURST_TOKENS)
+    assert burst_blocks <= cache.full_blocks.num_blocks < MAX_NUM_SEQS * burst_blocks
+
+
+# ------------------------------------------------------------------------------------------- admission
+
+
+SLOTS = 4
+
+
+class _QueueOnlyCore:
+    """An EngineCore that only queues, in a real Scheduler, and never steps (nothing leaves the queue).
+
+    Its add_request takes a few milliseconds before the sequence reaches the queue, as the real one's
+    validation can on a busy machine.
+    """
+
+    def __init__(self) -> None:
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=SLOTS, max_waiting=MAX_WAITING), cache=None)
+        self.experts = types.SimpleNamespace(heartbeat=lambda: None)
+
+    def validate(self, prompt_ids, params) -> None:
+        pass
+
+    def add_request(self, prompt_ids, params, request_id=None) -> str:
+        time.sleep(0.005)
+        self.scheduler.add(types.SimpleNamespace(request_id=request_id, blocks=None))
+        return request_id
+
+    def abort(self, request_id) -> None:
+        pass
+
+    def has_work(self) -> bool:
+        return False
+
+
+def test_a_request_accepted_is_never_refused_afterwards():
+    """submit() either refuses (QueueFull, the ingress's 429) or the request is queued: never both."""
+    engine = AsyncEngine(_QueueOnlyCore())
+
+    async def run() -> tuple[int, int, int]:
+        accepted, refused = [], 0
+        for _ in range(200):  # a steady stream of arrivals against a queue that never drains
+            try:
+                accepted.append(engine.submit([1], SamplingParams(max_tokens=1)))
+            except QueueFull:
+                refused += 1
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.5)
+        dropped = 0
+        for stream in accepted:
+            try:
+                await asyncio.wait_for(stream.__anext__(), 0.05)
+            except QueueFull:
+                dropped += 1  # accepted, then failed: after an HTTP 200 this is an error event in the stream
+            except TimeoutError:
+                pass  # still waiting, as it should
+        return len(accepted), refused, dropped
+
+    try:
+        accepted, refused, dropped = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert dropped == 0, f"{dropped} of {accepted} accepted requests were refused after acceptance"
+    # room for the sequence slots plus max_waiting behind them, and not one more
+    assert (accepted, refused) == (SLOTS + MAX_WAITING, 200 - SLOTS - MAX_WAITING)
+
+
+def test_simultaneous_requests_within_free_sequence_slots_are_all_admitted(load_url, model_name):
+    """64 clients starting together on an idle engine: within max_num_seqs, so none is a queue overflow."""
+
+    async def run() -> list[Result]:
+        limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
+        async with httpx.AsyncClient(base_url=load_url, timeout=HTTP_TIMEOUT, limits=limits) as http:
+            prompts = [load_prompt(i, 0) for i in range(CLIENTS)]
+            return await asyncio.gather(
+                *(stream_completion(http, model_name, p, LOAD_TOKENS) for p in prompts)
+            )
+
+    assert engine_handle().record_autoscaling_stats.remote().result(timeout_s=60)["ongoing_sequences"] == 0
+    results = asyncio.run(run())
+    refused = [r.body for r in results if r.status == 429]
+    assert not refused, f"{len(refused)} of {CLIENTS} refused with 64 free sequence slots: {refused[0]}"
+    assert all(r.complete for r in results), [(r.status, r.errors[:1]) for r in results if not r.complete]
+
+
+# -------------------------------------------------------------------------------------------------- load
+
+
+@pytest.mark.timeout(900)
+def test_64_streams_for_a_minute_without_errors_in_bounded_memory(load_url, model_name):
+    warm = asyncio.run(_one(load_url, model_name, load_prompt(0, 0), LOAD_TOKENS))
+    assert warm.complete, warm
+    pids = engine_pids(APP)
+    before = engine_handle().recovery_stats.remote().result(timeout_s=60)
+
+    async def client(http: httpx.AsyncClient, index: int, deadline: float, results: list) -> None:
+        request = 0
+        while time.monotonic() < deadline:
+            results.append(
+                await stream_completion(http, model_name, load_prompt(index, request), LOAD_TOKENS)
+            )
+            request += 1
+
+    async def run() -> list[list[Result]]:
+        limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
+        async with httpx.AsyncClient(base_url=load_url, timeout=HTTP_TIMEOUT, limits=limits) as http:
+            deadline = time.monotonic() + DURATION_S
+            per_client: list[list[Result]] = [[] for _ in range(CLIENTS)]
+            await asyncio.gather(*(client(http, i, deadline, per_client[i]) for i in range(CLIENTS)))
+            return per_client
+
+    with Sampler(pids) as sampler:
+        started = time.monotonic()
+        per_client = asyncio.run(run())
+        elapsed = time.monotonic() - started
+
+    results = [r for rs in per_client for r in rs]
+    failed = [r for r in results if not r.complete]
+    tokens = sum(len(r.chunks) for r in results)
+    numbers = {
+        "requests_completed": len(results) - len(failed),
+        "errors": len(failed),
+        "seconds": round(elapsed, 1),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "requests_per_s": round(len(results) / elapsed, 2),
+        "peak_ongoing_sequences": max(sampler.ongoing, default=0),
+        "rss_mib_start": round(sampler.rss[0] / 2**20, 1),
+        "rss_mib_min": round(min(sampler.rss) / 2**20, 1),
+        "rss_mib_max": round(max(sampler.rss) / 2**20, 1),
+        "rss_samples": len(sampler.rss),
+        "kv_budget_mib": KV_BUDGET / 2**20,
+    }
+    record("load", numbers)
+
+    # memory bounded by the KV budget, and nothing failed underneath: same processes, no recovery
+    assert not sampler.errors, sampler.errors[:3]
+    assert len(sampler.rss) >= DURATION_S / 2, "RSS was not sampled throughout the run"
+    growth = max(sampler.rss) - sampler.rss[0]
+    assert growth < KV_BUDGET + RSS_ALLOWANCE, f"RSS grew by {growth / 2**20:.0f} MiB"
+    assert engine_pids(APP) == pids
+    assert engine_handle().recovery_stats.remote().result(timeout_s=60) == before
+    assert elapsed < DURATION_S + 120, "the load did not stop itself at its deadline"
+    assert max(sampler.ongoing) >= CLIENTS // 2, f"at most {max(sampler.ongoing)} sequences ran at once"
+    # no request accepted and then dropped
+    dropped = [r for r in failed if r.status == 200]
+    assert not dropped, [(r.errors[:1], r.finish_reason, r.done) for r in dropped[:3]]
+    # and none refused or failed at all: 64 clients never exceed max_num_seqs
+    refused = sum(r.status == 429 for r in failed)
+    assert not failed, (
+        f"{len(failed)} of {len(results)} failed, {refused} of them with 429",
+        [(r.status, r.body or r.errors[:1]) for r in failed[:3]],
+    )
+    assert all(per_client), "a client never completed a request"
+
+
+async def _one(url: str, model: str, prompt: str, max_tokens: int) -> Result:
+    async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT) as http:
+        return await stream_completion(http, model, prompt, max_tokens)
+
+
+# ------------------------------------------------------------------------------------------------- burst
+
+
+@pytest.mark.timeout(900)
+def test_burst_beyond_the_queue_is_refused_with_429_and_accepted_requests_finish(load_url, model_name):
+    async def run() -> list[Result]:
+        limits = httpx.Limits(max_connections=BURST * 2, max_keepalive_connections=BURST * 2)
+        async with httpx.AsyncClient(base_url=load_url, timeout=HTTP_TIMEOUT, limits=limits) as http:
+            return await asyncio.gather(
+                *(stream_completion(http, model_name, BURST_PROMPT, BURST_TOKENS) for _ in range(BURST))
+            )
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    accepted = [r for r in results if r.status == 200]
+    refused = [r for r in results if r.status == 429]
+    record(
+        "burst",
+        {
+            "requests": BURST,
+            "accepted": len(accepted),
+            "refused_429": len(refused),
+            "other": len(results) - len(accepted) - len(refused),
+            "seconds": round(elapsed, 1),
+        },
+    )
+
+    assert len(accepted) + len(refused) == BURST, sorted({r.status for r in results})
+    assert refused, "nothing was refused beyond max_num_seqs + max_waiting"
+    assert len(accepted) > MAX_WAITING, "fewer accepted than the waiting queue alone holds"
+    for r in refused:
+        assert r.headers.get("retry-after", "").isdigit(), r.headers
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.body is not None and set(r.body) == {"error"}, r.body
+        error = r.body["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert error["type"] == "rate_limit_error" and error["code"] == "queue_full", error
+        assert error["message"]
+    # accepted means served to the end, never dropped: the full greedy text, the same for all of them
+    for r in accepted:
+        assert r.complete, (r.errors[:1], r.finish_reason, r.completion_tokens, len(r.chunks))
+        assert r.finish_reason == "length" and r.completion_tokens == BURST_TOKENS
+    assert len({"".join(r.chunks) for r in accepted}) == 1
+
+    # and the engine is fine afterwards
+    assert httpx.get(f"{load_url}/health", timeout=60).status_code == 200
+    after = asyncio.run(_one(load_url, model_name, BURST_PROMPT, 4))
+    assert after.complete and after.completion_tokens == 4

@@ -1,0 +1,253 @@
+"""cluster.metrics in one process: what the engine loop and the ingress record, with Ray's metric
+classes replaced by recorders (tests/test_prometheus.py checks the real export end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from cluster import metrics as metrics_module
+from cluster import openai_api
+from cluster.metrics import EngineMetrics, ExpertMetrics, rank_imbalance
+from cluster.openai_protocol import OpenAIError
+from experts.checkpoint import CheckpointReader
+from experts.placement import ExpertPlacement
+from experts.shard import ExpertShard
+from router.config import ModelConfig
+from router.engine_core import EngineCore, default_cache_bytes
+from router.exchange import ExchangeStats, ExpertStats, LocalExperts
+from router.kv_cache import KVCache
+from router.sampling import SamplingParams
+from router.scheduler import SchedulerConfig
+from router.weights import load_router_model
+
+
+class Recorder:
+    """Stands in for ray.util.metrics.Counter/Gauge/Histogram: keeps every point with its tags."""
+
+    registry: ClassVar[dict[str, Recorder]] = {}
+
+    def __init__(self, name: str, description: str = "", boundaries=None, tag_keys=()) -> None:
+        self.name, self.tag_keys, self.boundaries = name, tuple(tag_keys), boundaries
+        self.default: dict[str, str] = {}
+        self.points: list[tuple[float, dict[str, str]]] = []
+        Recorder.registry[name] = self
+
+    def set_default_tags(self, tags: dict[str, str]) -> Recorder:
+        assert set(tags) <= set(self.tag_keys)
+        self.default = tags
+        return self
+
+    def record(self, value: float, tags: dict[str, str] | None = None) -> None:
+        final = {**self.default, **(tags or {})}
+        assert set(final) == set(self.tag_keys), f"{self.name}: tags {final} vs {self.tag_keys}"
+        self.points.append((value, final))
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        assert value > 0, "Ray's Counter refuses increments <= 0"
+        self.record(value, tags)
+
+    observe = set = record
+
+    def total(self, **tags: str) -> float:
+        return sum(v for v, t in self.points if all(t.get(k) == w for k, w in tags.items()))
+
+    def last(self, **tags: str) -> float:
+        return [v for v, t in self.points if all(t.get(k) == w for k, w in tags.items())][-1]
+
+    def by(self, key: str) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for value, tags in self.points:
+            out[tags[key]] += value
+        return dict(out)
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> Iterator[dict[str, Recorder]]:
+    Recorder.registry = {}
+    for name in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(metrics_module, name, Recorder)
+    yield Recorder.registry
+
+
+def local_core(model_dir: Path, shards: int = 2) -> EngineCore:
+    """The router's engine over LocalExperts: every shard in this process, no Ray."""
+    config = ModelConfig.from_model_dir(model_dir)
+    reader = CheckpointReader(model_dir)
+    cpu, dtype = torch.device("cpu"), torch.float32
+    placement = ExpertPlacement(config.num_experts, shards)
+    experts = LocalExperts(
+        [ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)],
+        placement,
+    )
+    cache = KVCache(config, default_cache_bytes(config, 8, 128, 16, dtype), 8, 16, dtype, cpu)
+    model = load_router_model(reader, config, dtype, cpu)
+    return EngineCore(config, model, cache, experts, SchedulerConfig(8, 64, 128, 16))
+
+
+def run(core: EngineCore, metrics: EngineMetrics | None, prompts: dict[str, list[int]], new: int) -> None:
+    """What AsyncEngine does: announce each request, step until done, report each step."""
+    for request_id, prompt in prompts.items():
+        if metrics:
+            metrics.request_arrived(request_id, len(prompt))
+        core.add_request(prompt, SamplingParams(max_tokens=new, ignore_eos=True), request_id=request_id)
+    while core.has_work():
+        started = time.perf_counter()
+        events = core.step()
+        if metrics:
+            metrics.step_done(events, started)
+    if metrics:
+        metrics.idle()
+
+
+def test_rank_imbalance_is_max_over_mean_per_rank():
+    shard_of = torch.tensor([0, 0, 1, 1])
+    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), shard_of, 2) == pytest.approx(2.0)
+    assert rank_imbalance(torch.tensor([1, 3, 2, 2]), shard_of, 2) == pytest.approx(1.0)
+    assert rank_imbalance(torch.tensor([3, 0, 1, 0]), shard_of, 2) == pytest.approx(1.5)
+    assert rank_imbalance(torch.zeros(4, dtype=torch.int64), shard_of, 2) is None
+
+
+def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_model):
+    core = local_core(demo_model)
+    restarts = iter(range(100))
+    metrics = EngineMetrics(
+        core, "demo", "inst-1", lambda: True, lambda: next(restarts), True, flush_interval_s=3600
+    )
+    assert core.experts.detail
+    prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [12, 13, 14], "c": list(range(20, 60))}
+    run(core, metrics, prompts, new=6)
+
+    assert len(recorded["moe_time_to_first_token_seconds"].points) == 3
+    assert len(recorded["moe_e2e_request_latency_seconds"].points) == 3
+    steps = len(recorded["moe_step_duration_seconds"].points)
+    assert steps == core.steps and steps >= 6
+    assert 0 < len(recorded["moe_inter_token_latency_seconds"].points) < steps
+    assert recorded["moe_generation_tokens"].total() == 3 * 6
+    assert recorded["moe_prompt_tokens"].total() == sum(map(len, prompts.values()))
+    computed = recorded["moe_batch_tokens"].total()
+    assert computed == sum(map(len, prompts.values())) + 3 * 5  # the last sampled token is not fed back
+    assert max(v for v, _ in recorded["moe_batch_sequences"].points) == 3
+
+    config = core.config
+    pairs = computed * config.num_experts_per_tok
+    per_expert = recorded["moe_expert_tokens"].by("expert")
+    assert sum(per_expert.values()) == pairs * len(config.moe_layers)
+    assert set(per_expert) <= {str(e) for e in range(config.num_experts)}
+    per_layer = recorded["moe_expert_layer_tokens"].by("layer")
+    assert per_layer == {str(layer): pairs for layer in config.moe_layers}
+    imbalance = recorded["moe_expert_imbalance"]
+    assert {t["layer"] for _, t in imbalance.points} == {str(layer) for layer in config.moe_layers}
+    assert all(value >= 1.0 for value, _ in imbalance.points)
+
+    phases = recorded["moe_step_phase_seconds"].by("phase")
+    assert {"attention", "dense", "gate", "schedule_sample"} <= set(phases)  # no exchange in-process
+    assert all(seconds > 0 for seconds in phases.values())
+    assert sum(phases.values()) <= sum(v for v, _ in recorded["moe_step_duration_seconds"].points) + 1e-6
+    assert recorded["moe_exchange_bytes"].points == []  # LocalExperts moves no bytes
+
+    assert recorded["moe_running_sequences"].last() == 0
+    assert recorded["moe_waiting_sequences"].last() == 0
+    assert recorded["moe_kv_cache_usage_ratio"].last() == 0.0
+    assert recorded["moe_experts_alive"].last() == 1.0
+    assert recorded["moe_expert_restarts"].points[-1][0] >= 0
+    for recorder in recorded.values():
+        assert all(t["model"] == "demo" and t["model_instance"] == "inst-1" for _, t in recorder.points)
+    assert core.experts.stats.expert_tokens == {}  # consumed by the flush
+
+
+def test_per_layer_expert_series_only_behind_the_flag(recorded, demo_model):
+    core = local_core(demo_model)
+    metrics = EngineMetrics(core, "demo", "i", lambda: True, lambda: 0, flush_interval_s=3600)
+    run(core, metrics, {"a": [5, 6, 7]}, new=3)
+    assert "moe_expert_layer_tokens" not in recorded
+    assert recorded["moe_expert_tokens"].total() > 0
+
+
+def test_without_metrics_the_model_neither_times_phases_nor_counts_experts(demo_model):
+    core = local_core(demo_model)
+    run(core, None, {"a": [5, 6, 7], "b": [8, 9]}, new=4)
+    stats = core.experts.stats
+    assert not core.experts.detail
+    assert stats.attention_seconds == stats.gate_seconds == 0.0
+    assert stats.expert_tokens == {}
+
+
+def test_dropped_requests_leave_nothing_behind(recorded, demo_model):
+    core = local_core(demo_model)
+    metrics = EngineMetrics(core, "demo", "i", lambda: False, lambda: 2, flush_interval_s=3600)
+    metrics.request_arrived("gone", 3)
+    metrics.request_dropped("gone")
+    metrics.idle()
+    assert "gone" not in metrics._waiting_first and "gone" not in metrics._started
+    assert recorded["moe_time_to_first_token_seconds"].points == []
+    assert recorded["moe_experts_alive"].last() == 0.0
+    assert recorded["moe_expert_restarts"].last() == 2
+
+
+def test_a_reset_of_the_router_counters_does_not_go_negative(recorded, demo_model):
+    core = local_core(demo_model)
+    metrics = EngineMetrics(core, "demo", "i", lambda: True, lambda: 0, flush_interval_s=3600)
+    run(core, metrics, {"a": [5, 6, 7]}, new=3)
+    core.steps, core.step_seconds = 0, 0.0  # what RouterActor.stats(reset=True) does
+    core.experts.stats = ExchangeStats()
+    run(core, metrics, {"b": [5, 6, 7]}, new=3)
+    assert all(value > 0 for value, _ in recorded["moe_step_phase_seconds"].points)
+    assert recorded["moe_generation_tokens"].total() == 6
+
+
+def test_expert_metrics_flush_deltas_at_most_once_per_interval(recorded):
+    expert = ExpertMetrics("inst", 3, flush_interval_s=3600)
+    stats = ExpertStats(steps=1, rows=10, compute_seconds=0.5)
+    expert.on_step(stats)
+    stats.rows, stats.compute_seconds = 25, 0.75
+    expert.on_step(stats)  # within the interval: nothing new is exported
+    assert recorded["moe_expert_rows"].points == [(10, {"model_instance": "inst", "shard": "3"})]
+    expert._next_flush = 0.0
+    expert.on_step(stats)
+    assert recorded["moe_expert_rows"].total() == 25
+    assert recorded["moe_expert_compute_seconds"].total() == pytest.approx(0.75)
+
+
+def test_exchange_stats_count_routed_pairs_per_layer():
+    stats = ExchangeStats()
+    stats.count_experts(0, torch.tensor([[0, 2], [2, 3]]), 4)
+    stats.count_experts(0, torch.tensor([[2, 1]]), 4)
+    stats.count_experts(1, torch.tensor([[3, 3]]), 4)
+    assert stats.expert_tokens[0].tolist() == [1, 1, 3, 1]
+    assert stats.expert_tokens[1].tolist() == [0, 0, 0, 2]
+
+
+async def _drain(chunks: AsyncIterator[dict], close_after: int | None = None) -> None:
+    body = openai_api._sse(chunks).body_iterator
+    seen = 0
+    async for _ in body:
+        seen += 1
+        if close_after is not None and seen == close_after:
+            await body.aclose()
+            return
+
+
+def test_ingress_counts_streams_by_how_they_ended(recorded, monkeypatch):
+    monkeypatch.setattr(metrics_module, "_requests", None)  # restored afterwards
+    metrics_module.start_request_metrics("demo")
+
+    async def tokens(n: int, fail: bool = False) -> AsyncIterator[dict]:
+        for i in range(n):
+            yield {"i": i}
+        if fail:
+            raise OpenAIError(503, "engine unavailable", type_="server_error")
+
+    asyncio.run(_drain(tokens(3)))
+    asyncio.run(_drain(tokens(2, fail=True)))
+    asyncio.run(_drain(tokens(5), close_after=2))
+    openai_api._error_response(OpenAIError(429, "busy"))
+    assert recorded["moe_requests"].by("status") == {"200": 1, "503": 1, "499": 1, "429": 1}
+    assert {t["model"] for _, t in recorded["moe_requests"].points} == {"demo"}
