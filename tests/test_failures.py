@@ -33,6 +33,7 @@ from cluster.async_engine import AsyncEngine, EngineStopped
 from cluster.engine import Engine
 from cluster.engine_deployment import EngineServer
 from router.sampling import SamplingParams
+from router.scheduler import Scheduler, SchedulerConfig
 from router.transport import TransportError
 from tests.conftest import deploy_app
 
@@ -316,9 +317,7 @@ class _FailingCore:
     """An EngineCore whose every step fails in the transport, as a group broken beyond repair would."""
 
     def __init__(self) -> None:
-        self.scheduler = types.SimpleNamespace(
-            waiting=[], running=[], config=types.SimpleNamespace(max_waiting=8)
-        )
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_waiting=8), cache=None)
         self.experts = types.SimpleNamespace(heartbeat=lambda: None)  # an idle loop's heartbeat
         self.requests: list[str] = []
         self.steps = 0

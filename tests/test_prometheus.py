@@ -187,6 +187,15 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
         base = f"{serve_http}/{APP}"
         send_traffic(base, httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"])
 
+    by_status = f'sum by (status) (ray_moe_requests_total{{ray_io_cluster="{CLUSTER}"}})'
+
+    def counts_by_status() -> dict[str, float]:
+        return {s["metric"]["status"]: float(s["value"][1]) for s in query(prometheus, by_status)}
+
+    deadline = time.monotonic() + 60
+    while not query(prometheus, "up == 1") and time.monotonic() < deadline:  # first scrape done
+        time.sleep(1)
+    before = counts_by_status()  # earlier tests of the session served through this cluster too
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         traffic = pool.submit(deploy_and_send)
         try:
@@ -204,11 +213,12 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
             now_empty = [p for _, p, e in queries if not query(prometheus, e)]
             print(f"panels whose series Ray had dropped again by the end: {sorted(set(now_empty))}")
 
-            by_status = f'sum by (status) (ray_moe_requests_total{{ray_io_cluster="{CLUSTER}"}})'
-            expected = {"200": 17.0, "400": 1.0, "404": 1.0}  # Ray reports every 10 s: wait for the last
-            deadline = time.monotonic() + 60
+            expected = {k: v for k, v in before.items() if v}
+            for status, sent in {"200": 17.0, "400": 1.0, "404": 1.0}.items():
+                expected[status] = expected.get(status, 0.0) + sent
+            deadline = time.monotonic() + 60  # Ray reports every 10 s: wait for the last
             while True:
-                counts = {s["metric"]["status"]: float(s["value"][1]) for s in query(prometheus, by_status)}
+                counts = counts_by_status()
                 if counts == expected or time.monotonic() > deadline:
                     break
                 time.sleep(2)
