@@ -52,7 +52,7 @@ def write_records(path: Path, count: int, max_tokens: int) -> None:
 
 
 def run_batch_phase(args: argparse.Namespace, model: Path, records: Path, replicas: int) -> Row:
-    from cluster.batch import BatchOptions, run_batch
+    from cluster.batch.job import BatchOptions, run_batch
 
     options = BatchOptions(
         input=records,
@@ -81,7 +81,7 @@ def run_batch_phase(args: argparse.Namespace, model: Path, records: Path, replic
 def run_serving_phase(args: argparse.Namespace, model: Path) -> Row:
     from ray import serve
 
-    from cluster.serve_app import build_app
+    from cluster.serve.app import build_app
 
     options = {
         "model": str(model),

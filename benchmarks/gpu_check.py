@@ -110,7 +110,7 @@ def expert_rooflines(tokens_list: tuple[int, ...] = (1, 8, 64, 128, 512), repeat
 
 
 def nccl_world_one() -> dict:
-    from cluster.transport_nccl import NcclTransport, nccl_version, new_unique_id
+    from cluster.transport.nccl import NcclTransport, nccl_version, new_unique_id
 
     transport = NcclTransport(new_unique_id(), 0, 1, timeout_s=30)
     payload = torch.arange(4096 * 8, device="cuda", dtype=torch.bfloat16).view(8, 4096)

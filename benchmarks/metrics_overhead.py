@@ -36,7 +36,7 @@ import torch
 
 from cluster.demo import write_afmoe_checkpoint
 from cluster.engine import Engine
-from cluster.metrics import EngineMetrics
+from cluster.metrics.engine import EngineMetrics
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
@@ -112,7 +112,7 @@ def local_core(model_dir: Path, shards: int, max_num_seqs: int) -> EngineCore:
 def loop_tokens_per_s(
     core: EngineCore, metrics: EngineMetrics | None, batch: list[list[int]], new: int
 ) -> tuple[float, float]:
-    """One batch through the core as AsyncEngine drives it (arrivals, steps, step reports, idle);
+    """One batch through the core as EngineLoop drives it (arrivals, steps, step reports, idle);
     (tokens per CPU second of this process, per wall second). Adds the wall time spent in the
     EngineMetrics calls themselves to RECORDING."""
     core.experts.detail = metrics is not None

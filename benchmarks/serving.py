@@ -206,7 +206,7 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """Ray + Serve on 127.0.0.1 with the real app (cluster.serve_app:build_app), torn down on exit."""
+    """Ray + Serve on 127.0.0.1 with the real app (cluster.serve.app:build_app), torn down on exit."""
 
     def __init__(self, options: dict, cpus: int) -> None:
         self.options, self.cpus = options, cpus
@@ -216,7 +216,7 @@ class LocalServer:
         import ray
         from ray import serve
 
-        from cluster.serve_app import build_app
+        from cluster.serve.app import build_app
 
         if os.environ.get("RAY_ADDRESS"):
             print(

@@ -1,10 +1,9 @@
-"""One model instance on a Ray cluster: a router actor and its expert actors in one placement group."""
+"""The Python API: one model instance on a Ray cluster (a router actor and its expert actors in one
+placement group), driven with whole requests."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +12,13 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import Completion, RouterActor
-from cluster.config import EngineConfig
-from cluster.router_host import Prompt, config_bundles
+from cluster.instance.prompts import Prompt
+from cluster.instance.resources import config_bundles, ensure_ray, resolve_device
+from cluster.instance.router_actor import Completion, RouterActor
+from cluster.options.engine import EngineConfig
 from experts.checkpoint import CheckpointReader
 from router.config import ModelConfig
 from router.sampling import SamplingParams
-
-
-def ensure_ray(required_cpus: float = 1.0) -> bool:
-    """Joins the cluster at RAY_ADDRESS, else starts a local one. Returns True if this call started Ray.
-
-    A local cluster advertises at least the CPUs one engine needs, so that a small machine can still
-    host a multi-shard demo (threads per actor are capped separately from this logical count).
-    """
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return False
-    cpus = max(os.cpu_count() or 1, math.ceil(required_cpus))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    return True
 
 
 class Engine:
@@ -48,8 +32,10 @@ class Engine:
         _check_checkpoint(config)
         required = config.router_cpus + config.expert_shards * config.expert_cpus
         self._started_ray = ensure_ray(required)
-        self.use_gpu = _resolve_gpu(config)
-        self.config = config.model_copy(update={"device": "cuda" if self.use_gpu else "cpu"})
+        self.config = config.model_copy(
+            update={"device": resolve_device(config.device, config.expert_shards)}
+        )
+        self.use_gpu = self.config.use_gpu
         self._pg: PlacementGroup | None = None
         try:
             self._start()
@@ -142,9 +128,3 @@ def _get(ref: ray.ObjectRef) -> Any:
         if isinstance(err.cause, ValueError):
             raise err.cause from None
         raise
-
-
-def _resolve_gpu(config: EngineConfig) -> bool:
-    if config.device != "auto":
-        return config.device == "cuda"
-    return ray.cluster_resources().get("GPU", 0) >= config.expert_shards + 1

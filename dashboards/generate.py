@@ -5,7 +5,7 @@
 
 Like Ray's own dashboards, every query filters on `ray_io_cluster=~"$Cluster"` (set per cluster by
 KubeRay's PodMonitor relabeling) and reads from the `$datasource` variable. Metric names are those Ray's
-metrics agent exports: `ray_` + the name given in cluster/metrics.py (+ `_total` for counters).
+metrics agent exports: `ray_` + the name given in cluster/metrics/ (+ `_total` for counters).
 """
 
 from __future__ import annotations

@@ -10,17 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from router.config import ModelConfig
+from router.errors import InvalidRequest, TransportError
 from router.exchange import RoutedExperts
 from router.kv_cache import KVCache, SequenceBlocks
 from router.model import AfmoeRouterModel
 from router.sampling import SamplingParams, SamplingState, sample
 from router.scheduler import Scheduler, SchedulerConfig
 from router.sequence import Sequence
-from router.transport import TransportError
-
-
-class InvalidRequest(ValueError):
-    """A request that can never be served as given (the message says which field and why)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from router.errors import QueueFull
 from router.kv_cache import KVCache
 from router.sequence import Sequence, Status
 
@@ -21,10 +22,6 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     max_waiting: int = 1024
-
-
-class QueueFull(RuntimeError):
-    """Every sequence slot is taken and the waiting queue is at its limit; retry later."""
 
 
 @dataclass

@@ -22,10 +22,6 @@ class Op(IntEnum):
     HEARTBEAT = 2  # sent while idle, so expert ranks waiting for a header never hit the collective timeout
 
 
-class TransportError(RuntimeError):
-    """A collective failed or timed out; the group must be rebuilt before it is used again."""
-
-
 class PendingTensor(Protocol):
     def wait(self) -> torch.Tensor: ...
 

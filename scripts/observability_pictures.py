@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.serve_app import build_app
+    from cluster.serve.app import build_app
 
     metrics_port, http_port = _free_port(), _free_port()
     ray.init(

@@ -131,10 +131,10 @@ def serve_http(ray_cluster) -> str:
 
 
 def deploy_app(name: str, options: dict):
-    """Deploys the real app (cluster.serve_app:build_app) at /<name>; returns its base URL suffix."""
+    """Deploys the real app (cluster.serve.app:build_app) at /<name>; returns its base URL suffix."""
     from ray import serve
 
-    from cluster.serve_app import build_app
+    from cluster.serve.app import build_app
 
     serve.run(build_app(options), name=name, route_prefix=f"/{name}")
     return f"/{name}"

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from cluster.batch import ResultFile, parse_line
+from cluster.batch.job import ResultFile, parse_line
+from cluster.batch.progress import Progress
 from cluster.engine import Engine
-from cluster.progress import Progress
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
 from tests.conftest import free_port

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from cluster.engine import Engine
 from experts.checkpoint import CheckpointError
 from router.config import ConfigError
-from router.engine_core import InvalidRequest
+from router.errors import InvalidRequest
 
 
 @pytest.fixture(scope="module")

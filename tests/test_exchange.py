@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.transport_gloo import GlooTransport
+from cluster.transport.gloo import GlooTransport
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.exchange import (

@@ -29,12 +29,13 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.async_engine import AsyncEngine, EngineStopped
 from cluster.engine import Engine
-from cluster.engine_deployment import EngineServer
+from cluster.errors import EngineStopped
+from cluster.instance.engine_loop import EngineLoop
+from cluster.serve.deployment import EngineDeployment
+from router.errors import TransportError
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
-from router.transport import TransportError
 from tests.conftest import deploy_app
 
 pytestmark = pytest.mark.slow
@@ -342,7 +343,7 @@ class _FailingCore:
 
 def test_retries_are_bounded_then_the_replica_reports_unhealthy():
     core, rebuilds = _FailingCore(), []
-    engine = AsyncEngine(core, recover=lambda: rebuilds.append(time.monotonic()), max_recoveries=3)
+    engine = EngineLoop(core, recover=lambda: rebuilds.append(time.monotonic()), max_recoveries=3)
 
     async def one_request() -> None:
         async for _ in engine.submit([1, 2, 3], SamplingParams(max_tokens=4)):
@@ -354,7 +355,7 @@ def test_retries_are_bounded_then_the_replica_reports_unhealthy():
     assert not engine.alive and isinstance(engine.error, TransportError)
 
     # the Serve replica's health check then fails, so that Serve replaces the replica
-    replica = object.__new__(EngineServer.func_or_class)
+    replica = object.__new__(EngineDeployment.func_or_class)
     replica.engine = engine
     replica.host = types.SimpleNamespace(experts_alive=lambda: True, shutdown=lambda: None)
     with pytest.raises(RuntimeError, match="engine loop stopped"):

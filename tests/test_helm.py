@@ -34,9 +34,9 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.autoscaling import POLICY_PATH
-from cluster.serve_app import build_app, engine_deployment_options, serve_config
-from cluster.serve_options import APP_IMPORT_PATH, ServeOptions
+from cluster.options.serve import APP_IMPORT_PATH, ServeOptions
+from cluster.serve.app import build_app, engine_deployment_options, serve_config
+from cluster.serve.autoscaling import POLICY_PATH
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "moe-cluster"
@@ -696,7 +696,7 @@ def test_cpu_dev_cluster_asks_for_no_gpu():
 
 
 def test_batch_rayjob_runs_the_batch_command_and_shuts_down():
-    from cluster.cli import build_parser
+    from cluster.cli.main import build_parser
 
     values = merged_values("default")
     job = one(render("batch"), "RayJob")

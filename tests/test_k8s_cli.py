@@ -19,10 +19,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from cluster.cli import _serve_options, build_parser, main
-from cluster.k8s import rayservice_manifest, shape_from
-from cluster.serve_app import serve_config
-from cluster.serve_options import ServeOptions
+from cluster.cli.k8s.command import shape_from
+from cluster.cli.k8s.manifests import rayservice_manifest
+from cluster.cli.main import _serve_options, build_parser, main
+from cluster.options.serve import ServeOptions
+from cluster.serve.app import serve_config
 from tests.conftest import free_port
 from tests.test_helm import crd_errors
 

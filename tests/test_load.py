@@ -28,11 +28,12 @@ import ray
 import torch
 from ray import serve
 
-from cluster.async_engine import AsyncEngine
+from cluster.instance.engine_loop import EngineLoop
 from router.config import ModelConfig
+from router.errors import QueueFull
 from router.kv_cache import KVCache
 from router.sampling import SamplingParams
-from router.scheduler import QueueFull, Scheduler, SchedulerConfig
+from router.scheduler import Scheduler, SchedulerConfig
 from router.tokenizer import Tokenizer
 from tests.conftest import deploy_app
 
@@ -264,7 +265,7 @@ class _QueueOnlyCore:
 
 def test_a_request_accepted_is_never_refused_afterwards():
     """submit() either refuses (QueueFull, the ingress's 429) or the request is queued: never both."""
-    engine = AsyncEngine(_QueueOnlyCore())
+    engine = EngineLoop(_QueueOnlyCore())
 
     async def run() -> tuple[int, int, int]:
         accepted, refused = [], 0

@@ -13,10 +13,14 @@ from typing import ClassVar
 import pytest
 import torch
 
-from cluster import metrics as metrics_module
-from cluster import openai_api
-from cluster.metrics import EngineMetrics, ExpertMetrics, rank_imbalance
-from cluster.openai_protocol import OpenAIError
+from cluster.metrics import engine as metrics_module
+from cluster.metrics import experts as expert_metrics
+from cluster.metrics import requests as request_metrics
+from cluster.metrics.common import rank_imbalance
+from cluster.metrics.engine import EngineMetrics
+from cluster.metrics.experts import ExpertMetrics
+from cluster.serve import ingress, streaming
+from cluster.serve.protocol import OpenAIError
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
@@ -72,8 +76,9 @@ class Recorder:
 @pytest.fixture
 def recorded(monkeypatch) -> Iterator[dict[str, Recorder]]:
     Recorder.registry = {}
-    for name in ("Counter", "Gauge", "Histogram"):
-        monkeypatch.setattr(metrics_module, name, Recorder)
+    for module in (metrics_module, request_metrics, expert_metrics):
+        for name in ("Counter", "Gauge", "Histogram"):
+            monkeypatch.setattr(module, name, Recorder, raising=False)
     yield Recorder.registry
 
 
@@ -93,7 +98,7 @@ def local_core(model_dir: Path, shards: int = 2) -> EngineCore:
 
 
 def run(core: EngineCore, metrics: EngineMetrics | None, prompts: dict[str, list[int]], new: int) -> None:
-    """What AsyncEngine does: announce each request, step until done, report each step."""
+    """What EngineLoop does: announce each request, step until done, report each step."""
     for request_id, prompt in prompts.items():
         if metrics:
             metrics.request_arrived(request_id, len(prompt))
@@ -226,7 +231,7 @@ def test_exchange_stats_count_routed_pairs_per_layer():
 
 
 async def _drain(chunks: AsyncIterator[dict], close_after: int | None = None) -> None:
-    body = openai_api._sse(chunks).body_iterator
+    body = streaming.sse(chunks).body_iterator
     seen = 0
     async for _ in body:
         seen += 1
@@ -236,8 +241,8 @@ async def _drain(chunks: AsyncIterator[dict], close_after: int | None = None) ->
 
 
 def test_ingress_counts_streams_by_how_they_ended(recorded, monkeypatch):
-    monkeypatch.setattr(metrics_module, "_requests", None)  # restored afterwards
-    metrics_module.start_request_metrics("demo")
+    monkeypatch.setattr(request_metrics, "_requests", None)  # restored afterwards
+    request_metrics.start_request_metrics("demo")
 
     async def tokens(n: int, fail: bool = False) -> AsyncIterator[dict]:
         for i in range(n):
@@ -248,6 +253,6 @@ def test_ingress_counts_streams_by_how_they_ended(recorded, monkeypatch):
     asyncio.run(_drain(tokens(3)))
     asyncio.run(_drain(tokens(2, fail=True)))
     asyncio.run(_drain(tokens(5), close_after=2))
-    openai_api._error_response(OpenAIError(429, "busy"))
+    ingress._error_response(OpenAIError(429, "busy"))
     assert recorded["moe_requests"].by("status") == {"200": 1, "503": 1, "499": 1, "429": 1}
     assert {t["model"] for _, t in recorded["moe_requests"].points} == {"demo"}

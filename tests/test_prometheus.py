@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ray import serve
 
-from cluster.dashboards_cli import dashboards
+from cluster.cli.dashboards import dashboards
 from tests.conftest import deploy_app, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from router.config import ModelConfig
+from router.errors import QueueFull
 from router.kv_cache import KVCache
 from router.sampling import SamplingParams, SamplingState
-from router.scheduler import QueueFull, ScheduledStep, Scheduler, SchedulerConfig
+from router.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from router.sequence import Sequence, Status
 
 BLOCK = 4

@@ -24,7 +24,7 @@ import ray
 from ray import serve
 
 from cluster.engine import Engine
-from cluster.serve_options import ServeOptions
+from cluster.options.serve import ServeOptions
 from router.tokenizer import Tokenizer
 from tests.conftest import deploy_app
 

@@ -24,10 +24,10 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.autoscaling import POLICY_PATH, ongoing_sequences_policy
-from cluster.cli import main
-from cluster.serve_app import build_app, engine_deployment_options
-from cluster.serve_options import APP_IMPORT_PATH, Autoscaling, ServeOptions
+from cluster.cli.main import main
+from cluster.options.serve import APP_IMPORT_PATH, Autoscaling, ServeOptions
+from cluster.serve.app import build_app, engine_deployment_options
+from cluster.serve.autoscaling import POLICY_PATH, ongoing_sequences_policy
 from tests.conftest import free_port
 
 CLI = Path(sys.executable).with_name("moe-cluster")
@@ -107,7 +107,9 @@ def test_import_path_builds_an_application(written):
     assert isinstance(engine_app, Application)
     engine = engine_app._bound_deployment
     assert engine.name == "MoEEngine"
-    assert ServeOptions.model_validate(options) == ServeOptions.model_validate(app_config["args"])
+    # device `auto` is resolved where the app is built: cpu here, where no GPU is visible.
+    resolved = {**app_config["args"], "device": "cpu"}
+    assert ServeOptions.model_validate(options) == ServeOptions.model_validate(resolved)
     # The engine deployment really carries the gang-scheduled bundles and the custom policy.
     assert engine._replica_config.placement_group_bundles == [{"CPU": 1.0}] * 3
     scaling = engine._deployment_config.autoscaling_config
@@ -141,10 +143,11 @@ def test_engine_autoscaling_config_uses_the_custom_policy_and_the_flags(written)
     _, config = written
     options = ServeOptions.model_validate(the_app(config)["args"])
     scaling = AutoscalingConfig.model_validate(engine_deployment_options(options)["autoscaling_config"])
-    assert scaling.policy.policy_function == POLICY_PATH == "cluster.autoscaling:ongoing_sequences_policy"
+    policy = "cluster.serve.autoscaling:ongoing_sequences_policy"
+    assert scaling.policy.policy_function == POLICY_PATH == policy
     # Serve resolves the import path (to a pickled copy of the function) when it validates the config.
     resolved = scaling.policy.get_policy()
-    assert (resolved.__module__, resolved.__name__) == ("cluster.autoscaling", "ongoing_sequences_policy")
+    assert f"{resolved.__module__}:{resolved.__name__}" == policy
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
 
 

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from cluster.transport_gloo import GlooTransport
-from cluster.transport_nccl import Watchdog
-from router.transport import TransportError
+from cluster.transport.gloo import GlooTransport
+from cluster.transport.nccl import Watchdog
+from router.errors import TransportError
 from tests.conftest import free_port
 
 

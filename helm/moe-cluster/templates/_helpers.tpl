@@ -62,7 +62,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "applications" (list (dict
     "name" .Values.serve.applicationName
     "route_prefix" "/"
-    "import_path" "cluster.serve_app:build_app"
+    "import_path" "cluster.serve.app:build_app"
     "args" $options)) }}
 {{- toYaml $config }}
 {{- end }}

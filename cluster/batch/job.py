@@ -24,9 +24,10 @@ from typing import Any
 
 import ray
 
-from cluster.config import EngineConfig
-from cluster.engine import Engine, ensure_ray
-from cluster.progress import Progress
+from cluster.batch.progress import Progress
+from cluster.engine import Engine
+from cluster.instance.resources import ensure_ray
+from cluster.options.engine import EngineConfig
 from router.sampling import SamplingParams
 
 Record = dict[str, Any]
@@ -46,12 +47,11 @@ class BatchOptions:
     input: Path
     output: Path
     model: Path
-    expert_shards: int = 1
     replicas: int = 1
     max_tokens: int = 32
     temperature: float = 0.0
     overwrite: bool = False
-    engine_options: dict[str, Any] = field(default_factory=dict)  # further EngineConfig fields
+    engine_options: dict[str, Any] = field(default_factory=dict)  # EngineOptions fields
     chunk_size: int = 16  # records per Ray call
     progress_interval_s: float = 5.0  # between log lines when stderr is not a terminal
 
@@ -279,9 +279,7 @@ def start_engines(config: EngineConfig, replicas: int) -> list[Engine]:
 def run_batch(options: BatchOptions) -> Progress:
     """Runs (or resumes) the job; returns its progress, whose summary() is the closing line."""
     defaults = _check(options)
-    config = EngineConfig(
-        model_path=options.model, expert_shards=options.expert_shards, **options.engine_options
-    )
+    config = EngineConfig(model_path=options.model, **options.engine_options)
     out = ResultFile(options.output, options.overwrite)
     try:
         total = done_before = 0

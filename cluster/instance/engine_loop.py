@@ -17,15 +17,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+from cluster.errors import EngineStopped, QueueFull, TransportError
+from cluster.metrics.engine import EngineMetrics
 from router.engine_core import EngineCore, TokenEvent
 from router.sampling import SamplingParams
-from router.scheduler import QueueFull
-from router.transport import TransportError
-
-if TYPE_CHECKING:
-    from cluster.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,11 +34,7 @@ class _Listener:
     events: asyncio.Queue
 
 
-class EngineStopped(RuntimeError):
-    """The engine loop has stopped (shut down, or failed); no request can complete on it."""
-
-
-class AsyncEngine:
+class EngineLoop:
     def __init__(
         self,
         core: EngineCore,
@@ -67,7 +60,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopped = False
         self.error: BaseException | None = None
-        self.metrics: EngineMetrics | None = None  # set by the owner to export metrics (cluster.metrics)
+        self.metrics: EngineMetrics | None = None  # set by ModelInstance.attach_metrics
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from router.transport import HEADER_LEN, ROUTER_RANK, TransportError
+from router.errors import TransportError
+from router.transport import HEADER_LEN, ROUTER_RANK
 
 
 def new_unique_id() -> tuple[int, ...]:

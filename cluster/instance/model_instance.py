@@ -1,4 +1,4 @@
-"""A model instance brought up from inside its router process.
+"""A model instance brought up from inside its router process, and recovered when its group breaks.
 
 The router process sits in bundle 0 of a placement group (its RouterActor's, or the Serve replica's
 own); it starts one ExpertActor per remaining bundle, forms the collective group with them, and
@@ -8,79 +8,43 @@ owns the EngineCore. RouterActor (Engine, batch jobs) and the Serve engine deplo
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Sequence
 
 import ray
-import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.async_engine import AsyncEngine
-from cluster.config import EngineConfig
+from cluster.instance.engine_loop import EngineLoop
+from cluster.instance.expert_actor import ExpertActor
+from cluster.instance.prompts import PromptEncoder
+from cluster.instance.resources import (
+    config_bundles,
+    device_for,
+    gpu_cache_budget,
+    limit_threads,
+    transport_kind,
+)
+from cluster.metrics.common import model_instance_id
+from cluster.metrics.engine import EngineMetrics
+from cluster.options.engine import EngineConfig
+from cluster.transport import new_rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from router.config import ModelConfig
-from router.engine_core import EngineCore, InvalidRequest, default_cache_bytes
+from router.engine_core import EngineCore, default_cache_bytes
 from router.exchange import CollectiveExperts
 from router.kv_cache import KVCache
 from router.scheduler import SchedulerConfig
-from router.tokenizer import Tokenizer
 from router.transport import ROUTER_RANK, Transport
 from router.weights import load_router_model
 
-Prompt = str | list[int]
 
-
-def limit_threads(cpus: float) -> None:
-    """One process never runs more compute threads than the CPUs Ray granted it."""
-    torch.set_num_threads(max(1, int(cpus)))
-
-
-def device_for(use_gpu: bool) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-
-
-def open_transport(rendezvous: str | tuple, rank: int, config: EngineConfig) -> Transport:
-    world = config.expert_shards + 1
-    if config.device == "cuda":
-        from cluster.transport_nccl import NcclTransport
-
-        return NcclTransport(rendezvous, rank, world, config.collective_timeout_s)
-    from cluster.transport_gloo import GlooTransport
-
-    return GlooTransport(rendezvous, rank, world, config.collective_timeout_s)
-
-
-def gpu_cache_budget(utilization: float) -> int:
-    """What the KV cache may take on this GPU once the weights are loaded: up to `utilization` of it."""
-    free, total = torch.cuda.mem_get_info()
-    budget = int(free - (1.0 - utilization) * total)
-    if budget <= 0:
-        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization}")
-    return budget
-
-
-def instance_bundles(expert_shards: int, router_cpus: float, expert_cpus: float, gpu: bool) -> list[dict]:
-    """A model instance's placement group: bundle 0 for the router, then one per expert shard."""
-    gpus = {"GPU": 1} if gpu else {}
-    return [{"CPU": router_cpus, **gpus}] + [{"CPU": expert_cpus, **gpus} for _ in range(expert_shards)]
-
-
-def config_bundles(config: EngineConfig) -> list[dict]:
-    return instance_bundles(
-        config.expert_shards, config.router_cpus, config.expert_cpus, config.device == "cuda"
-    )
-
-
-class RouterHost:
+class ModelInstance:
     def __init__(self, config: EngineConfig, pg: PlacementGroup, first_expert_bundle: int = 1) -> None:
         limit_threads(config.router_cpus)
         self.config = config
-        self.device = device_for(config.device == "cuda")
+        self.device = device_for(config.use_gpu)
         self.model_config = ModelConfig.from_model_dir(config.model_path)
-        has_tokenizer = (config.model_path / "tokenizer.json").is_file()
-        self.tokenizer = Tokenizer.from_model_dir(config.model_path) if has_tokenizer else None
+        self.prompts = PromptEncoder(config.model_path)
         self._pg, self._first_expert_bundle = pg, first_expert_bundle
         self.generation = 0  # bumped each time the group is re-formed
         self.expert_restarts = 0
@@ -101,20 +65,31 @@ class RouterHost:
         self.transport, self._serving = self._form_group()
         placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
         experts = CollectiveExperts(self.transport, placement, self.model_config.num_experts_per_tok)
-        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else self.model_config.eos_token_ids
+        tokenizer = self.prompts.tokenizer
+        eos = tuple(tokenizer.eos_token_ids) if tokenizer else self.model_config.eos_token_ids
         scheduler = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, config.max_waiting
         )
         self.core = EngineCore(self.model_config, model, cache, experts, scheduler, eos)
 
-    def engine_loop(self) -> AsyncEngine:
+    def engine_loop(self) -> EngineLoop:
         """The continuous-batching loop over this instance, recovering through `rebuild`."""
         heartbeat = self.config.collective_timeout_s / 4
-        return AsyncEngine(self.core, recover=self.rebuild, heartbeat_s=heartbeat)
+        return EngineLoop(self.core, recover=self.rebuild, heartbeat_s=heartbeat)
+
+    def attach_metrics(self, engine: EngineLoop, model: str) -> None:
+        """Makes the engine loop export its metrics, unless the config turned them off."""
+        if self.config.metrics:
+            engine.metrics = EngineMetrics(
+                self.core,
+                model,
+                model_instance_id(),
+                self.experts_alive,
+                lambda: self.expert_restarts,
+                self.config.expert_layer_metrics,
+            )
 
     def _spawn_expert(self, shard: int) -> ray.actor.ActorHandle:
-        from cluster.actors import ExpertActor
-
         bundle = config_bundles(self.config)[1 + shard]
         return ExpertActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, self._first_expert_bundle + shard),
@@ -156,35 +131,16 @@ class RouterHost:
         return True
 
     def _form_group(self) -> tuple[Transport, list[ray.ObjectRef]]:
-        rendezvous = self._rendezvous()
-        serving = [e.serve.remote(rendezvous) for e in self.experts]
-        transport = open_transport(rendezvous, ROUTER_RANK, self.config)  # returns once every rank joined
+        kind = transport_kind(self.config)
+        rendezvous = new_rendezvous(kind)
+        serving = [e.run_expert_loop.remote(rendezvous) for e in self.experts]
+        world = self.config.expert_shards + 1
+        # returns once every rank joined
+        transport = open_transport(kind, rendezvous, ROUTER_RANK, world, self.config.collective_timeout_s)
         failed, _ = ray.wait(serving, timeout=0)
         if failed:
             ray.get(failed)  # an expert loop that ended at once raises its error here
         return transport, serving
-
-    def _rendezvous(self) -> str | tuple:
-        if self.config.device == "cuda":
-            from cluster.transport_nccl import new_unique_id
-
-            return new_unique_id()
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            return f"{host}:{sock.getsockname()[1]}"
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest(f"{self.config.model_path} has no tokenizer: pass token ids")
-            return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidRequest("a token-id prompt must be a list of integers")
-        return list(prompt)
-
-    def decode(self, token_ids: Sequence[int]) -> str | None:
-        return self.tokenizer.decode(list(token_ids)) if self.tokenizer else None
 
     def experts_alive(self) -> bool:
         """False once any expert loop has ended (its actor died, or the group broke)."""

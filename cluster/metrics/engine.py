@@ -25,89 +25,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-import ray
 import torch
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from cluster.metrics.common import (
+    BATCH_SEQUENCES_BUCKETS,
+    BATCH_TOKENS_BUCKETS,
+    ENGINE_TAGS,
+    FLUSH_INTERVAL_S,
+    GAUGE_REFRESH_S,
+    REQUEST_LATENCY_BUCKETS_S,
+    STEP_LATENCY_BUCKETS_S,
+    Delta,
+    rank_imbalance,
+)
 from router.engine_core import EngineCore, TokenEvent
-from router.exchange import ExpertStats
-
-if TYPE_CHECKING:
-    from cluster.async_engine import AsyncEngine
-    from cluster.router_host import RouterHost
-
-REQUEST_LATENCY_BUCKETS_S = [
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
-    15.0, 20.0, 30.0, 60.0, 120.0,
-]  # fmt: skip
-STEP_LATENCY_BUCKETS_S = [
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-    0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
-]  # fmt: skip
-BATCH_SEQUENCES_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-BATCH_TOKENS_BUCKETS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-PHASES = ("attention", "dense", "gate", "exchange", "schedule_sample")
-FLUSH_INTERVAL_S = 1.0
-# Ray 2.60's metrics agent drops a gauge that was not set for two report intervals (20 s by default),
-# even while its process lives and its value holds: the last values are set again this often.
-GAUGE_REFRESH_S = 5.0
-ENGINE_TAGS = ("model", "model_instance")
-EXPERT_TAGS = ("model_instance", "shard")
-
-
-def model_instance_id() -> str:
-    """Names one model instance: its placement group (shared by the router and its expert actors)."""
-    context = ray.get_runtime_context()
-    return context.get_placement_group_id() or context.get_actor_id() or "driver"
-
-
-def rank_imbalance(expert_tokens: torch.Tensor, shard_of: torch.Tensor, num_shards: int) -> float | None:
-    """max / mean of the (token, expert) pairs each rank computed; 1.0 is perfect balance, None if idle."""
-    per_rank = torch.zeros(num_shards, dtype=torch.float64).index_add_(0, shard_of, expert_tokens.double())
-    mean = float(per_rank.mean())
-    return float(per_rank.max()) / mean if mean > 0 else None
-
-
-class _Delta:
-    """Turns a cumulative value into increments; a value that went down (a reset) counts from zero."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self.last = start
-
-    def __call__(self, value: float) -> float:
-        delta = value - self.last if value >= self.last else value
-        self.last = value
-        return delta
-
-
-class RequestMetrics:
-    """The ingress's count of finished HTTP requests by status code."""
-
-    def __init__(self, model: str) -> None:
-        self.requests = Counter(
-            "moe_requests", "HTTP requests by the status they ended with", tag_keys=("model", "status")
-        ).set_default_tags({"model": model})
-
-    def record(self, status: int) -> None:
-        self.requests.inc(1, {"status": str(status)})
-
-
-# The ingress process's request counter. Module state rather than FastAPI's app.state: Serve pickles the
-# ingress class by value, so its methods and the module's functions do not see the same `app` object.
-_requests: RequestMetrics | None = None
-
-
-def start_request_metrics(model: str) -> None:
-    global _requests
-    _requests = RequestMetrics(model)
-
-
-def count_request(status: int) -> None:
-    """Counts a finished API request by its HTTP status (nothing before start_request_metrics)."""
-    if _requests is not None:
-        _requests.record(status)
 
 
 class EngineMetrics:
@@ -201,12 +134,12 @@ class EngineMetrics:
         self._started: dict[str, float] = {}  # request with a first token -> arrival
         self._last_emit: float | None = None
         self._steps_seen = core.steps
-        self._step_forward = _Delta(core.step_seconds)
+        self._step_forward = Delta(core.step_seconds)
         self._generated = 0
         self._prompt = 0
         self._host_seconds = 0.0  # step time outside the model forward (schedule, batch, sample)
         names = "generated prompt host forward attention gate exchange payload meta"
-        self._deltas = {name: _Delta() for name in names.split()}
+        self._deltas = {name: Delta() for name in names.split()}
         self._next_flush = 0.0
         self._gauges: dict[tuple, tuple[Gauge, float, dict[str, str] | None]] = {}
         self._gauges_lock = threading.Lock()
@@ -319,47 +252,3 @@ class EngineMetrics:
                 latest = list(self._gauges.values())
             for gauge, value, tags in latest:
                 gauge.set(value, tags)
-
-
-def attach_engine_metrics(engine: AsyncEngine, host: RouterHost, model: str) -> None:
-    """Makes the engine loop export its metrics, unless the host's config turned them off."""
-    if host.config.metrics:
-        engine.metrics = EngineMetrics(
-            host.core,
-            model,
-            model_instance_id(),
-            host.experts_alive,
-            lambda: host.expert_restarts,
-            host.config.expert_layer_metrics,
-        )
-
-
-class ExpertMetrics:
-    """An expert actor's metrics: its compute time and rows, flushed from its loop's step callback."""
-
-    def __init__(self, instance: str, shard: int, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
-        tags = {"model_instance": instance, "shard": str(shard)}
-        self.compute_seconds = Counter(
-            "moe_expert_compute_seconds",
-            "Time an expert rank spent in its experts' forward",
-            tag_keys=EXPERT_TAGS,
-        ).set_default_tags(tags)
-        self.rows = Counter(
-            "moe_expert_rows",
-            "Token rows an expert rank received (once per token and layer)",
-            tag_keys=EXPERT_TAGS,
-        ).set_default_tags(tags)
-        self.flush_interval_s = flush_interval_s
-        self._seconds, self._rows = _Delta(), _Delta()
-        self._next_flush = 0.0
-
-    def on_step(self, stats: ExpertStats) -> None:
-        now = time.perf_counter()
-        if now < self._next_flush:
-            return
-        self._next_flush = now + self.flush_interval_s
-        seconds, rows = self._seconds(stats.compute_seconds), self._rows(stats.rows)
-        if seconds > 0:
-            self.compute_seconds.inc(seconds)
-        if rows > 0:
-            self.rows.inc(rows)

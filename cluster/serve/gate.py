@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.openai_protocol import OpenAIError
+from cluster.serve.protocol import OpenAIError
 
 _settings = {"api_keys": frozenset(), "max_request_bytes": 1 << 20}
 

@@ -7,7 +7,8 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from router.transport import HEADER_LEN, ROUTER_RANK, TransportError
+from router.errors import TransportError
+from router.transport import HEADER_LEN, ROUTER_RANK
 
 
 class _Pending:

@@ -6,7 +6,7 @@ from typing import Any
 
 from ray.serve.config import AutoscalingContext
 
-POLICY_PATH = "cluster.autoscaling:ongoing_sequences_policy"
+POLICY_PATH = "cluster.serve.autoscaling:ongoing_sequences_policy"
 
 
 def ongoing_sequences_policy(ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:

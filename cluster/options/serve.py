@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.config import EngineConfig
+from cluster.options.engine import EngineConfig, EngineOptions, engine_options
 
-APP_IMPORT_PATH = "cluster.serve_app:build_app"
+# What `serve-config` writes as the application's import path. `cluster.serve_app:build_app`, written by
+# earlier versions, still imports.
+APP_IMPORT_PATH = "cluster.serve.app:build_app"
 
 
 class Autoscaling(BaseModel):
@@ -37,27 +39,13 @@ class Autoscaling(BaseModel):
         return config
 
 
-class ServeOptions(BaseModel):
+class ServeOptions(EngineOptions):
     """Everything `moe-cluster serve`, `serve-config` and the Helm chart can set."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
     model: str | None = Field(None, description="model directory on every node; default: the demo model")
     served_model_name: str | None = None
-    expert_shards: int = Field(1, ge=1)
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    router_cpus: float = Field(1.0, gt=0)
-    expert_cpus: float = Field(1.0, gt=0)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_model_len: int = Field(4096, ge=2)
-    max_waiting: int = Field(256, ge=0)
-    kv_cache_bytes: int | None = Field(None, ge=1)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    collective_timeout_s: float = Field(60.0, gt=0, description="a stalled expert group fails after this")
-    metrics: bool = True
-    expert_layer_metrics: bool = False
     max_request_bytes: int = Field(1 << 20, ge=1024)
     api_keys_env: str = "MOE_CLUSTER_API_KEYS"
     api_key_file: str | None = None
@@ -76,22 +64,7 @@ class ServeOptions(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         """Built where the model is (in the engine replica), since it checks the directory."""
-        return EngineConfig(
-            model_path=self.model_path(),
-            expert_shards=self.expert_shards,
-            device=self.device,
-            dtype=self.dtype,
-            router_cpus=self.router_cpus,
-            expert_cpus=self.expert_cpus,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            max_waiting=self.max_waiting,
-            kv_cache_bytes=self.kv_cache_bytes,
-            placement_strategy=self.placement_strategy,
-            metrics=self.metrics,
-            expert_layer_metrics=self.expert_layer_metrics,
-        )
+        return EngineConfig(model_path=self.model_path(), **engine_options(self))
 
     def api_keys(self) -> set[str]:
         keys = {k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cluster.options.flags import add_engine_flags, engine_flags
+
 
 def _token_ids(text: str) -> list[int]:
     try:
@@ -35,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompts:
         raise ValueError("give at least one --prompt or --prompt-ids")
-    with Engine(_model_path(args.model), expert_shards=args.expert_shards) as engine:
+    with Engine(_model_path(args.model), **engine_flags(args)) as engine:
         completions = engine.generate(
             args.prompts,
             max_new_tokens=args.max_tokens,
@@ -61,7 +63,7 @@ def _serve_options(args: argparse.Namespace):
     """ServeOptions from --config (its keys, or a Serve config's first application's args), then flags."""
     import yaml
 
-    from cluster.serve_options import ServeOptions
+    from cluster.options.serve import ServeOptions
 
     values: dict = {}
     if args.config:
@@ -77,14 +79,7 @@ def _serve_options(args: argparse.Namespace):
                 raise ValueError(f"{args.config}: 'applications' lists no application")
             loaded = apps[0].get("args") or {}
         values = dict(loaded)
-    flags = {
-        "model": args.model,
-        "served_model_name": args.served_model_name,
-        "expert_shards": args.expert_shards,
-        "device": args.device,
-        "max_num_seqs": args.max_num_seqs,
-        "max_model_len": args.max_model_len,
-    }
+    flags = {"model": args.model, "served_model_name": args.served_model_name, **engine_flags(args)}
     values.update({k: v for k, v in flags.items() if v is not None})
     scaling = {
         "min_replicas": args.min_replicas,
@@ -105,8 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.engine import ensure_ray
-    from cluster.serve_app import build_app
+    from cluster.instance.resources import ensure_ray
+    from cluster.serve.app import build_app
 
     options = _serve_options(args)
     per_replica = options.router_cpus + options.expert_shards * options.expert_cpus
@@ -131,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from cluster.serve_app import serve_config
+    from cluster.serve.app import serve_config
 
     text = yaml.safe_dump(serve_config(_serve_options(args), args.host, args.port), sort_keys=False)
     if args.output:
@@ -142,20 +137,17 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from cluster.batch import BatchOptions, run_batch
+    from cluster.batch.job import BatchOptions, run_batch
 
-    names = ("max_num_seqs", "max_model_len", "router_cpus", "expert_cpus")
-    engine_options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     options = BatchOptions(
         input=args.input,
         output=args.output,
         model=_model_path(args.model),
-        expert_shards=args.expert_shards,
         replicas=args.replicas,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         overwrite=args.overwrite,
-        engine_options=engine_options,
+        engine_options=engine_flags(args),
         progress_interval_s=args.progress_interval,
     )
     print(run_batch(options).summary(), flush=True)
@@ -163,7 +155,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboards_export(args: argparse.Namespace) -> int:
-    from cluster.dashboards_cli import export
+    from cluster.cli.dashboards import export
 
     for path in export(args.directory):
         print(path)
@@ -173,7 +165,7 @@ def cmd_dashboards_export(args: argparse.Namespace) -> int:
 def cmd_dashboards_push(args: argparse.Namespace) -> int:
     import os
 
-    from cluster.dashboards_cli import PushError, push
+    from cluster.cli.dashboards import PushError, push
 
     try:
         urls = push(args.grafana_url, args.token or os.environ.get("GRAFANA_TOKEN"), args.folder)
@@ -186,7 +178,7 @@ def cmd_dashboards_push(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    from cluster.k8s import run_command
+    from cluster.cli.k8s.command import run_command
 
     return run_command(args, _serve_options)
 
@@ -194,10 +186,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 def _add_serve_flags(parser: argparse.ArgumentParser, host: str) -> None:
     parser.add_argument("--model", help="model directory on every node (default: the demo model)")
     parser.add_argument("--served-model-name")
-    parser.add_argument("--expert-shards", type=int)
-    parser.add_argument("--device", choices=["cpu", "cuda"])
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-model-len", type=int)
+    add_engine_flags(parser)
     parser.add_argument("--min-replicas", type=int, help="engine replicas (whole model instances)")
     parser.add_argument("--max-replicas", type=int)
     parser.add_argument(
@@ -218,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text on a local or joined Ray cluster")
     gen.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
-    gen.add_argument("--expert-shards", type=int, default=1)
+    add_engine_flags(gen)
     gen.add_argument("--prompt", dest="prompts", action="append", default=[], help="text prompt (repeatable)")
     gen.add_argument(
         "--prompt-ids", dest="prompts", action="append", type=_token_ids, help="comma-separated token ids"
@@ -244,15 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--input", type=Path, required=True, help='{"id", "prompt" or "messages"} per line')
     batch.add_argument("--output", type=Path, required=True, help="appended to; an existing one is resumed")
     batch.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
-    batch.add_argument("--expert-shards", type=int, default=1)
     batch.add_argument("--replicas", type=int, default=1, help="model instances working in parallel")
     batch.add_argument("--max-tokens", type=int, default=32, help="default for records without max_tokens")
     batch.add_argument("--temperature", type=float, default=0.0, help="default for records without one")
     batch.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
-    batch.add_argument("--max-num-seqs", type=int)
-    batch.add_argument("--max-model-len", type=int)
-    batch.add_argument("--router-cpus", type=float)
-    batch.add_argument("--expert-cpus", type=float)
+    add_engine_flags(batch)
     batch.add_argument("--progress-interval", type=float, default=5.0, help="seconds between log lines")
     batch.set_defaults(run=cmd_batch)
 
@@ -268,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     push_cmd.set_defaults(run=cmd_dashboards_push)
 
     k8s = sub.add_parser("k8s", help="render, apply, inspect or delete the RayService (Kubernetes API)")
-    from cluster.k8s import add_arguments as add_k8s_arguments
+    from cluster.cli.k8s.command import add_arguments as add_k8s_arguments
 
     add_k8s_arguments(k8s, _add_serve_flags)
     k8s.set_defaults(run=cmd_k8s)

@@ -1,0 +1,62 @@
+"""An expert actor: one shard's experts of every MoE layer, serving the router over the data plane.
+
+Ray only carries control calls here (load, join the group, info); per-layer tensors go over the
+collective group the router and its expert actors form among themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from cluster.instance.resources import device_for, limit_threads, transport_kind
+from cluster.metrics.common import model_instance_id
+from cluster.metrics.experts import ExpertMetrics
+from cluster.options.engine import EngineConfig
+from cluster.transport import open_transport
+from experts.checkpoint import CheckpointReader
+from experts.placement import ExpertPlacement
+from experts.shard import ExpertShard
+from router.config import ModelConfig
+from router.exchange import run_expert_loop
+
+
+@ray.remote
+class ExpertActor:
+    def __init__(self, config: EngineConfig, shard: int) -> None:
+        limit_threads(config.expert_cpus)
+        self.config, self.shard_index = config, shard
+        model = ModelConfig.from_model_dir(config.model_path)
+        placement = ExpertPlacement(model.num_experts, config.expert_shards, config.placement)
+        self.top_k = model.num_experts_per_tok
+        self.dtype = config.torch_dtype
+        shard_weights = ExpertShard.load(
+            CheckpointReader(config.model_path), model.moe_layers, placement.experts_of(shard), self.dtype
+        )
+        self.shard = shard_weights.to(device_for(config.use_gpu))
+        self.metrics = ExpertMetrics(model_instance_id(), shard) if config.metrics else None
+
+    def info(self) -> dict:
+        return {
+            "shard": self.shard_index,
+            "experts": self.shard.num_local_experts,
+            "bytes": self.shard.nbytes(),
+            "pid": os.getpid(),
+        }
+
+    def run_expert_loop(self, rendezvous: str | tuple) -> int:
+        """Joins the group and runs the SPMD loop until the router says STOP; returns steps served."""
+        world = self.config.expert_shards + 1
+        transport = open_transport(
+            transport_kind(self.config),
+            rendezvous,
+            self.shard_index + 1,
+            world,
+            self.config.collective_timeout_s,
+        )
+        try:
+            on_step = self.metrics.on_step if self.metrics else None
+            return run_expert_loop(transport, self.shard, self.top_k, self.dtype, on_step)
+        finally:
+            transport.close()

@@ -1,0 +1,89 @@
+"""The engine's options, each defined once.
+
+`EngineOptions` is every knob of a model instance. `EngineConfig` adds the model directory (checked to
+exist where the engine starts), `ServeOptions` (cluster/options/serve.py) adds the Serve application's
+own fields, and the CLI flags (cluster/options/flags.py) and the Helm schema are generated from these
+fields, so no option is spelled twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import torch
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+class EngineOptions(BaseModel):
+    """What a user tunes about one model instance (router + expert actors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    expert_shards: int = Field(1, ge=1, description="expert actors per model instance")
+    placement: Literal["contiguous", "round_robin"] = Field(
+        "contiguous", description="which shard owns which expert"
+    )
+    device: Device = Field("auto", description="auto: cuda when the cluster has a GPU per actor")
+    dtype: Dtype = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    router_cpus: float = Field(1.0, gt=0, description="CPUs of the router actor")
+    expert_cpus: float = Field(1.0, gt=0, description="CPUs of each expert actor")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one engine step")
+    max_model_len: int = Field(4096, ge=2, description="prompt + output tokens of one sequence")
+    max_waiting: int = Field(256, ge=0, description="requests queued beyond max_num_seqs before 429")
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="KV cache budget; default: room for max_num_seqs full sequences (CPU)"
+    )
+    block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of GPU memory for weights + KV cache"
+    )
+    collective_timeout_s: float = Field(60.0, gt=0, description="a stalled expert group fails after this")
+    placement_strategy: PlacementStrategy = Field(
+        "PACK", description="placement group strategy of an instance's bundles"
+    )
+    ready_timeout_s: float = Field(300.0, gt=0, description="seconds for an instance to come up")
+    metrics: bool = Field(True, description="export moe_* metrics through Ray's metrics agent")
+    expert_layer_metrics: bool = Field(
+        False, description="also a tokens series per (layer, expert): layers x experts series per instance"
+    )
+
+
+class EngineConfig(EngineOptions):
+    """EngineOptions for one model directory."""
+
+    model_path: Path
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_dir_exists(cls, path: Path) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"model directory {path} does not exist")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path.resolve()
+
+    @property
+    def use_gpu(self) -> bool:
+        """Resolved by whoever starts the instance (Engine, the Serve app) before actors see it."""
+        return self.device == "cuda"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.use_gpu else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def engine_options(source: BaseModel) -> dict:
+    """The EngineOptions fields of any options model that extends them (ServeOptions, CLI args)."""
+    return {name: getattr(source, name) for name in EngineOptions.model_fields}

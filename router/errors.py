@@ -1,0 +1,13 @@
+"""The errors a request can meet, free of torch so that the HTTP ingress can catch them cheaply."""
+
+
+class InvalidRequest(ValueError):
+    """A request that can never be served as given (the message says which field and why)."""
+
+
+class QueueFull(RuntimeError):
+    """Every sequence slot is taken and the waiting queue is at its limit; retry later."""
+
+
+class TransportError(RuntimeError):
+    """A collective failed or timed out; the group must be rebuilt before it is used again."""
