@@ -66,6 +66,18 @@ PARITY_CONFIGS: dict[str, dict] = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_compute_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_compute_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster for the whole session; engines join it instead of starting their own.
