@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import time
 import types
 from collections.abc import Callable
@@ -292,7 +293,7 @@ def openai_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-# ------------------------------------------------------------------------------------- Ray's actors
+# ---------------------------------------------------------------------------------- Ray's actors, results
 
 
 def bundle_of(actor) -> int:
@@ -329,3 +330,44 @@ def vendor_data(relative: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+# ------------------------------------------------------------------------------------- Ray's actors
+
+
+def alive_actors(class_name: str) -> list:
+    """The ALIVE actors of a class in the session's cluster (its address given: the state API refuses to
+    guess whenever another Ray instance runs on this machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, detail=True)
+
+
+def replica_actor(app: str):
+    """The one engine replica of a Serve app."""
+    replicas = alive_actors(f"ServeReplica:{app}:MoEEngine")
+    assert len(replicas) == 1, replicas
+    return replicas[0]
+
+
+def experts_in(pg_id: str) -> dict[int, int]:
+    """Bundle index -> pid of the ALIVE expert actors in a placement group."""
+    actors = [a for a in alive_actors("ExpertActor") if a.placement_group_id == pg_id]
+    bundles = {bundle_of(a): a.pid for a in actors}
+    assert len(bundles) == len(actors), "two live expert actors in one bundle"
+    return bundles
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith("Z")  # a zombie has exited
+    except FileNotFoundError:
+        return True
