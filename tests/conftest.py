@@ -10,6 +10,9 @@ import torch
 
 from cluster.demo import write_afmoe_checkpoint, write_demo_model
 
+# The "api" Serve app's fixtures (api_url, http, client, model_name, engine, tokenizer), module-scoped.
+pytest_plugins = ["tests.serve_api_app"]
+
 # Small AFMoE configs covering the architecture's switches (see test_parity.py for which is which).
 PARITY_CONFIGS: dict[str, dict] = {
     "mup-gqa-untied-1dense": dict(
