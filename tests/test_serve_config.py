@@ -29,9 +29,9 @@ from cluster.options.serve import APP_IMPORT_PATH, Autoscaling, ServeOptions
 from cluster.serve.app import build_app, engine_deployment_options
 from cluster.serve.autoscaling import POLICY_PATH, ongoing_sequences_policy
 from tests.conftest import free_port
+from tests.toolkit import vendor_data
 
 CLI = Path(sys.executable).with_name("moe-cluster")
-SCHEMA_PATH = Path("/work/shared/vendor-data/ray-serve/serve-deploy-schema.ray-2.60.0.json")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,7 +80,7 @@ def test_written_config_validates_against_rays_schema(written):
 
 def test_written_config_validates_against_vendored_json_schema(written):
     _, config = written
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = json.loads(vendor_data("ray-serve/serve-deploy-schema.ray-2.60.0.json").read_text())
     jsonschema.validate(config, schema)
     # The schema is a real check, not a blanket accept: a wrongly typed field is refused.
     with pytest.raises(jsonschema.ValidationError):
