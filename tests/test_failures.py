@@ -104,7 +104,8 @@ def test_stalled_collective_is_detected_within_the_timeout_and_recovered(ray_clu
         try:
             expected = engine.generate(STALL_PROMPTS, max_new_tokens=STALL_TOKENS, ignore_eos=True)
             [probe_expected] = engine.generate(PROBE_PROMPT, max_new_tokens=PROBE_TOKENS, ignore_eos=True)
-            # idle for longer than the timeout is not a stall: the group is still there afterwards
+            # idle for longer than the timeout is not a stall: the group is still there afterwards (the
+            # idle time is what is tested here, not a wait for something; a poll would wake the loop)
             time.sleep(STALL_TIMEOUT_S + 2)
             short = engine.generate(STALL_PROMPTS, max_new_tokens=8, ignore_eos=True)
             assert [c.token_ids for c in short] == [c.token_ids[:8] for c in expected]
