@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,27 @@ def deploy_app(name: str, options: dict):
 
     serve.run(build_app(options), name=name, route_prefix=f"/{name}")
     return f"/{name}"
+
+
+def small_app(model: Path, **options: object) -> dict:
+    """ServeOptions for a small app of `model` on this machine: half a CPU per router and expert actor."""
+    return {"model": str(model), "router_cpus": 0.5, "expert_cpus": 0.5, **options}
+
+
+@contextlib.contextmanager
+def served_app(base_url: str, name: str, options: dict) -> Iterator[str]:
+    """The real app deployed at /<name> for the duration; yields its URL."""
+    from ray import serve
+
+    deploy_app(name, options)
+    try:
+        yield f"{base_url}/{name}"
+    finally:
+        serve.delete(name)
+
+
+def served_model(url: str) -> str:
+    """The model name an app serves (the first of /v1/models)."""
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]

@@ -7,7 +7,6 @@ when that module ends. `engine` is the same model outside Serve, the reference f
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +16,7 @@ from ray import serve
 
 from cluster.engine import Engine
 from router.tokenizer import Tokenizer
-from tests.conftest import deploy_app
+from tests.conftest import served_app, small_app
 
 MAX_MODEL_LEN = 256
 MAX_REQUEST_BYTES = 4096
@@ -34,30 +33,18 @@ def engine_load(app_name: str) -> float:
     return handle.record_autoscaling_stats.remote().result(timeout_s=30)["ongoing_sequences"]
 
 
-@contextlib.contextmanager
-def served_app(base_url: str, name: str, options: dict) -> Iterator[str]:
-    """The real app deployed at /<name> for the duration; yields its URL."""
-    deploy_app(name, options)
-    try:
-        yield f"{base_url}/{name}"
-    finally:
-        serve.delete(name)
-
-
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def api_url(serve_http, demo_model) -> Iterator[str]:
-    options = {
-        "model": str(demo_model),
-        "expert_shards": 2,
-        "router_cpus": 0.5,
-        "expert_cpus": 0.5,
-        "max_model_len": MAX_MODEL_LEN,
-        "max_num_seqs": 32,
-        "max_request_bytes": MAX_REQUEST_BYTES,
-    }
+    options = small_app(
+        demo_model,
+        expert_shards=2,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=32,
+        max_request_bytes=MAX_REQUEST_BYTES,
+    )
     with served_app(serve_http, "api", options) as url:
         yield url
 

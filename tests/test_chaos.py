@@ -20,7 +20,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.conftest import deploy_app
+from tests.conftest import deploy_app, served_app, served_model
 from tests.toolkit import (
     Stream,
     experts_in,
@@ -134,16 +134,13 @@ def stall_after(streams: list[Stream], at: float, window: float = 120.0) -> tupl
 
 @pytest.fixture(scope="module")
 def chaos_url(serve_http, demo_model) -> Iterator[str]:
-    deploy_app(APP, {"model": str(demo_model), **OPTIONS})
-    try:
-        yield f"{serve_http}/{APP}"
-    finally:
-        serve.delete(APP)
+    with served_app(serve_http, APP, {"model": str(demo_model), **OPTIONS}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def model_name(chaos_url) -> str:
-    return httpx.get(f"{chaos_url}/v1/models", timeout=60).json()["data"][0]["id"]
+    return served_model(chaos_url)
 
 
 @pytest.fixture(scope="module")

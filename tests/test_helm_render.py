@@ -14,24 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.helm_chart import (
-    BUILT_IN_GROUPS,
-    CASES,
-    CHART,
-    K8S,
-    KUBERNETES_VERSION,
-    NAMESPACE,
-    REFERENCE,
-    REPO,
-    crd_errors,
-    helm,
-    merged_values,
-    of_kind,
-    one,
-    pods_of,
-    ray_clusters,
-    render,
-)
+from tests import helm_chart as chart
+from tests.helm_chart import CHART, K8S, NAMESPACE, REFERENCE, REPO, helm, of_kind, one, pods_of, render
 
 # What the default values render: the production set
 
@@ -70,7 +54,7 @@ def test_head_is_cpu_only_with_dashboard_and_metrics_ports():
 
 
 def test_gpu_worker_groups_carry_their_node_shape():
-    values = merged_values("trinity-large")
+    values = chart.merged_values("trinity-large")
     cluster = one(render("trinity-large"), "RayService")["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["autoscalerOptions"]["version"] == "v2"
@@ -103,7 +87,7 @@ def test_several_worker_groups_render_one_group_each():
     assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["h100", "l40s"]
     assert [g["rayStartParams"]["num-gpus"] for g in cluster["workerGroupSpecs"]] == ["8", "4"]
     assert cluster["workerGroupSpecs"][1]["template"]["spec"]["nodeSelector"] == {"gpu": "l40s"}
-    assert crd_errors(one(docs, "RayService")) == []
+    assert chart.crd_errors(one(docs, "RayService")) == []
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 0
 
 
@@ -135,7 +119,7 @@ def test_token_auth_and_api_keys_from_secrets():
 
 
 def test_model_volume_and_fetch_init_container():
-    values = merged_values("default")
+    values = chart.merged_values("default")
     docs = render("default")
     claim = one(docs, "PersistentVolumeClaim")
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
@@ -168,9 +152,9 @@ def test_model_outside_the_volume_is_refused():
 
 
 def test_security_contexts_everywhere():
-    for case in CASES:
+    for case in chart.CASES:
         docs = render(case)
-        for cluster in ray_clusters(docs):
+        for cluster in chart.ray_clusters(docs):
             assert cluster["autoscalerOptions"]["securityContext"]["allowPrivilegeEscalation"] is False
             for _, template in pods_of(cluster):
                 spec = template["spec"]
@@ -246,7 +230,7 @@ def test_network_policy_admits_only_the_serve_port_from_outside():
     assert [[p["port"] for p in rule["ports"]] for rule in others] == [[8265], [8080, 44217, 44227]]
     assert all(rule["from"] for rule in others)
     # Every Ray pod of the release is selected by it.
-    for cluster in ray_clusters(docs):
+    for cluster in chart.ray_clusters(docs):
         for _, template in pods_of(cluster):
             labels = template["metadata"]["labels"]
             assert all(labels.get(k) == v for k, v in selector.items())
@@ -304,7 +288,7 @@ def test_cpu_dev_cluster_asks_for_no_gpu():
 def test_batch_rayjob_runs_the_batch_command_and_shuts_down():
     from cluster.cli.main import build_parser
 
-    values = merged_values("default")
+    values = chart.merged_values("default")
     job = one(render("batch"), "RayJob")
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
@@ -364,6 +348,6 @@ def test_reference_kustomization(name):
     assert kustomization["namespace"] == NAMESPACE
     for resource in kustomization["resources"]:
         for doc in yaml.safe_load_all((K8S / name / resource).read_text()):
-            if doc and doc["apiVersion"] in BUILT_IN_GROUPS:
-                kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            if doc and doc["apiVersion"] in chart.BUILT_IN_GROUPS:
+                kubernetes_validate.validate(doc, chart.KUBERNETES_VERSION, strict=True)
     assert "manifests.yaml" in kustomization["resources"]

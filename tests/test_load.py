@@ -30,7 +30,7 @@ from router.errors import QueueFull
 from router.kv_cache import KVCache
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
-from tests.conftest import deploy_app
+from tests.conftest import served_app, served_model
 from tests.toolkit import (
     Stream,
     StubCore,
@@ -125,16 +125,13 @@ class Sampler:
 
 @pytest.fixture(scope="module")
 def load_url(serve_http, demo_model) -> Iterator[str]:
-    deploy_app(APP, {"model": str(demo_model), **OPTIONS})
-    try:
-        yield f"{serve_http}/{APP}"
-    finally:
-        serve.delete(APP)
+    with served_app(serve_http, APP, {"model": str(demo_model), **OPTIONS}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def model_name(load_url) -> str:
-    return httpx.get(f"{load_url}/v1/models", timeout=60).json()["data"][0]["id"]
+    return served_model(load_url)
 
 
 def record(key: str, value: object) -> None:

@@ -16,7 +16,8 @@ import pytest
 import ray
 
 from cluster.options.serve import ServeOptions
-from tests.serve_api_app import CHAT, LONG_PROMPT, engine_load, served_app
+from tests.conftest import served_app
+from tests.serve_api_app import CHAT, LONG_PROMPT, engine_load
 from tests.toolkit import openai_error, wait_for
 
 # ------------------------------------------------------------------- the "guarded" app: keys and limits

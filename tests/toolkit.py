@@ -282,7 +282,11 @@ def openai_error(response: httpx.Response, status: int) -> dict:
     """Asserts an OpenAI-style error response with this status; returns its "error" object."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json"), response.headers
-    body = response.json()
+    return error_object(response.json())
+
+
+def error_object(body: dict) -> dict:
+    """Asserts the shape of an OpenAI error body; returns its "error" object."""
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
