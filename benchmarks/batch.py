@@ -58,11 +58,14 @@ def run_batch_phase(args: argparse.Namespace, model: Path, records: Path, replic
         input=records,
         output=records.with_name(f"out-{replicas}.jsonl"),
         model=model,
-        expert_shards=args.expert_shards,
         replicas=replicas,
         max_tokens=args.max_tokens,
         overwrite=True,
-        engine_options={"max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_MODEL_LEN},
+        engine_options={
+            "expert_shards": args.expert_shards,
+            "max_num_seqs": MAX_NUM_SEQS,
+            "max_model_len": MAX_MODEL_LEN,
+        },
         progress_interval_s=30,
     )
     progress = run_batch(options)
