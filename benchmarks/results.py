@@ -43,14 +43,21 @@ def _cpu_model() -> str | None:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
-def _commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent, timeout=10
+            ["git", *args], capture_output=True, text=True, cwd=RESULTS_DIR.parent, timeout=9
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _commit() -> str | None:
+    """HEAD, with "+changes" when the work tree differs from it (outside benchmarks/results/)."""
+    head = _git("rev-parse", "HEAD")
+    changed = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    return f"{head}+changes" if head and changed else head
 
 
 class BenchmarkRun:
