@@ -78,6 +78,11 @@ def parse_line(line: int, raw: bytes, defaults: SamplingParams) -> Request | Rec
         record = json.loads(raw)
     except ValueError as err:
         return {"id": None, "line": line, "error": f"not JSON: {err}"}
+    return parse_record(line, record, defaults)
+
+
+def parse_record(line: int, record: Any, defaults: SamplingParams) -> Request | Record:
+    """The request in a record (a JSON line, or a row of a Ray Dataset), or the error line for it."""
     if not isinstance(record, dict):
         return {
             "id": None,

@@ -1,0 +1,89 @@
+"""Batch inference inside a user's own Ray Data pipeline.
+
+`ds.map_batches(MoEPredictor, fn_constructor_kwargs={...}, concurrency=N, batch_size=B)`: every actor of
+the pool drives one model instance (a router actor and its expert actors, like `Engine`), hands each batch
+of rows to the router's continuous batching in one call, and returns the rows with completion columns.
+A row is a record of `moe-cluster batch` (`prompt` or `messages`, optional `id` and sampling fields); a row
+that cannot be served gets its reason in `error` and empty completion columns, so one bad row never fails
+the job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from cluster.batch.job import Request, parse_record, result_record
+from cluster.engine import Engine
+from cluster.options.engine import EngineConfig
+from router.sampling import SamplingParams
+
+OUTPUT_COLUMNS = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "error")
+
+
+def plain(value: Any) -> Any:
+    """A Ray Data cell as plain Python (numpy arrays and scalars become lists and numbers)."""
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def output_columns(result: dict[str, Any]) -> dict[str, Any]:
+    usage = result.get("usage") or {}
+    return {
+        "text": result.get("text"),
+        "token_ids": result.get("token_ids"),
+        "finish_reason": result.get("finish_reason"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "error": result.get("error"),
+    }
+
+
+class MoEPredictor:
+    def __init__(
+        self,
+        model: str | None = None,
+        engine_options: dict[str, Any] | None = None,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+    ) -> None:
+        from cluster.demo import demo_model_path
+
+        path = Path(model) if model else demo_model_path()
+        self.engine = Engine(EngineConfig(model_path=path, **(engine_options or {})))
+        self.defaults = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        columns = list(batch)
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        parsed = [parse_record(i, plain(row), self.defaults) for i, row in enumerate(rows)]
+        requests = [p for p in parsed if isinstance(p, Request)]
+        answers = iter(
+            ray.get(
+                self.engine.router.generate_each.remote(
+                    [r.prompt for r in requests], [r.params for r in requests]
+                )
+            )
+            if requests
+            else ()
+        )
+        results = [result_record(p, next(answers)) if isinstance(p, Request) else p for p in parsed]
+        out: dict[str, list] = {name: list(batch[name]) for name in columns if name not in OUTPUT_COLUMNS}
+        for name in OUTPUT_COLUMNS:
+            out[name] = [output_columns(r)[name] for r in results]
+        return out
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
