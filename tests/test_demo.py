@@ -128,18 +128,18 @@ def test_held_out_loss_is_well_below_a_unigram_baseline() -> None:
     assert training["unigram_loss"] == pytest.approx(unigram, rel=1e-6)
 
 
-def _smoke_run(out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    script = ROOT / "scripts" / "train_demo_model.py"
+def _python(*args: str, **env: str) -> str:
+    """Runs this repository's code in a fresh interpreter; returns its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     run = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
     )
     assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def _smoke_run(out: Path) -> dict:
+    _python("scripts/train_demo_model.py", "--smoke", "--out", str(out))
     return json.loads((out / "training.json").read_text())
 
 
@@ -173,19 +173,12 @@ def test_engine_with_two_shards_matches_transformers_greedy(demo_engine, demo_mo
 
 
 def test_generate_with_the_default_model_prints_readable_text(ray_cluster) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    args = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
-    run = subprocess.run(
-        [sys.executable, "-m", "cluster.cli.main", "generate", "--expert-shards", "2", *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-        cwd=ROOT,
+    prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    address = ray.get_runtime_context().gcs_address
+    out = _python(
+        "-m", "cluster.cli.main", "generate", "--expert-shards", "2", *prompts, "--json", RAY_ADDRESS=address
     )
-    assert run.returncode == 0, run.stderr
-    texts = [json.loads(line)["text"] for line in run.stdout.splitlines()]
+    texts = [json.loads(line)["text"] for line in out.splitlines()]
     assert len(texts) == len(PROMPTS)
     for text in texts:
         assert "\ufffd" not in text
