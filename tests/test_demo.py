@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from tests.conftest import hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ordinary prompts, code and prose: the demo model was trained on Python's standard library.
-PROMPTS = ["def read_config(path):", "import os\n\n", "class Queue:\n", "The quick brown fox"]
+PROMPTS = ["def read_config(path):", "import os\n\n", "The experts", "The quick brown fox", "Hello"]
 
 SMALL = {"num_hidden_layers": 2, "num_experts": 8, "num_experts_per_tok": 2}
 
@@ -122,7 +124,7 @@ def test_held_out_loss_is_well_below_a_unigram_baseline() -> None:
 
     loss = train_demo_model.held_out_loss(model, held_out, recipe)
     unigram = train_demo_model.unigram_loss(train_stream, held_out, len(tokenizer), recipe)
-    assert loss < 0.65 * unigram, (loss, unigram)
+    assert loss < unigram - math.log(4), (loss, unigram)  # a quarter of the unigram perplexity at most
     training = json.loads((demo.demo_model_path() / "training.json").read_text())
     assert training["held_out_loss"] == pytest.approx(loss, rel=1e-4)
     assert training["unigram_loss"] == pytest.approx(unigram, rel=1e-6)
@@ -182,5 +184,5 @@ def test_generate_with_the_default_model_prints_readable_text(ray_cluster) -> No
     assert len(texts) == len(PROMPTS)
     for text in texts:
         assert "\ufffd" not in text
-        assert len(text) >= 40 and text.isascii()
-        assert sum(c.isalpha() or c.isspace() for c in text) > 0.6 * len(text), text
+        assert text.isascii() and all(c.isprintable() or c in "\n\t" for c in text), text
+        assert len(re.findall(r"[A-Za-z]{3,}", text)) >= 5, text  # words, not only punctuation
