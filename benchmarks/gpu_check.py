@@ -12,7 +12,6 @@ Prints a table; writes JSON under benchmarks/results/ (or --json PATH). Usage: p
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ BF16_FLOPS = 989e12  # H200 dense bf16
 def parity(new_tokens: int = 24) -> dict:
     from transformers import AfmoeForCausalLM
 
-    from cluster.demo import write_demo_model
+    from cluster.demo import demo_model_path
     from experts.checkpoint import CheckpointReader
     from experts.placement import ExpertPlacement
     from experts.shard import ExpertShard
@@ -39,7 +38,7 @@ def parity(new_tokens: int = 24) -> dict:
     from router.scheduler import SchedulerConfig
     from router.weights import load_router_model
 
-    path = write_demo_model(Path(tempfile.mkdtemp()) / "demo")
+    path = demo_model_path()
     cfg, reader, dev = ModelConfig.from_model_dir(path), CheckpointReader(path), torch.device("cuda")
     model = load_router_model(reader, cfg, torch.bfloat16, dev)
     placement = ExpertPlacement(cfg.num_experts, 1)

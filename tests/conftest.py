@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from cluster.demo import write_afmoe_checkpoint, write_demo_model
+from cluster.demo import copy_demo_model, write_afmoe_checkpoint
 
 # The "api" Serve app's fixtures (api_url, http, client, model_name, engine, tokenizer), module-scoped.
 pytest_plugins = ["tests.serve_api_app"]
@@ -116,7 +116,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
-    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
+    """A copy of the shipped trained demo model, the default model of every command."""
+    return copy_demo_model(tmp_path_factory.mktemp("demo") / "model")
 
 
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:

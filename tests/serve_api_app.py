@@ -8,12 +8,14 @@ when that module ends. `engine` is the same model outside Serve, the reference f
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from ray import serve
 
+from cluster.demo import write_afmoe_checkpoint
 from cluster.engine import Engine
 from router.tokenizer import Tokenizer
 from tests.conftest import served_app, small_app
@@ -21,7 +23,7 @@ from tests.conftest import served_app, small_app
 MAX_MODEL_LEN = 256
 MAX_REQUEST_BYTES = 4096
 LONG_PROMPT = "A computer program"  # its greedy continuation runs past 200 tokens without an end token
-EOS_PROMPT = "The harbour"  # its greedy continuation ends with an end token well before 200 tokens
+EOS_PROMPT = "ind"  # its greedy continuation ends with an end token after 11 tokens (found by search)
 CHAT = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -37,9 +39,17 @@ def engine_load(app_name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def api_url(serve_http, demo_model) -> Iterator[str]:
+def api_model(tmp_path_factory) -> Path:
+    """A random checkpoint of the demo model's shape and tokenizer, not the trained demo model: that one
+    never ends a text greedily (it saw an end token once per source file), and these tests need a prompt
+    that stops on an end token as well as one that runs on."""
+    return write_afmoe_checkpoint(tmp_path_factory.mktemp("api") / "model", {})
+
+
+@pytest.fixture(scope="module")
+def api_url(serve_http, api_model) -> Iterator[str]:
     options = small_app(
-        demo_model,
+        api_model,
         expert_shards=2,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=32,
@@ -66,14 +76,14 @@ def model_name(http) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(ray_cluster, demo_model) -> Iterator[Engine]:
+def engine(ray_cluster, api_model) -> Iterator[Engine]:
     """The same model outside Serve, in the session's cluster: the reference for HTTP results."""
     with Engine(
-        demo_model, expert_shards=2, router_cpus=0.5, expert_cpus=0.5, max_model_len=MAX_MODEL_LEN
+        api_model, expert_shards=2, router_cpus=0.5, expert_cpus=0.5, max_model_len=MAX_MODEL_LEN
     ) as eng:
         yield eng
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_model) -> Tokenizer:
-    return Tokenizer.from_model_dir(demo_model)
+def tokenizer(api_model) -> Tokenizer:
+    return Tokenizer.from_model_dir(api_model)

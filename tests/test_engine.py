@@ -13,6 +13,7 @@ import ray
 import torch
 from pydantic import ValidationError
 
+from cluster.demo import DEMO_TOKENIZER_VOCAB_SIZE as VOCAB
 from cluster.engine import Engine
 from experts.checkpoint import CheckpointError
 from router.config import ConfigError
@@ -63,14 +64,14 @@ def test_stops_on_eos(engine, demo_model):
 
 def test_logits_shape(engine):
     logits = engine.logits([1, 2, 3, 4])
-    assert logits.shape == (4, 512) and logits.dtype == torch.float32
+    assert logits.shape == (4, VOCAB) and logits.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
     ("prompt", "options", "message"),
     [
         ([], {}, "prompt is empty"),
-        ([1, 2, 512], {}, "outside the vocabulary"),
+        ([1, 2, VOCAB], {}, "outside the vocabulary"),
         ([-1], {}, "outside the vocabulary"),
         ([1] * 256, {}, "max_model_len"),
         ([1, 2], {"max_new_tokens": 0}, "max_tokens must be >= 1"),

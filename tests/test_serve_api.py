@@ -26,13 +26,13 @@ from tests.toolkit import sse_events
 # ------------------------------------------------------------------------------------- models and health
 
 
-def test_models_lists_the_served_model(http, demo_model):
+def test_models_lists_the_served_model(http, api_model):
     response = http.get("/v1/models")
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "list"
     [card] = body["data"]
-    assert card["id"] == ServeOptions(model=str(demo_model)).model_name() == demo_model.name
+    assert card["id"] == ServeOptions(model=str(api_model)).model_name() == api_model.name
     assert card["object"] == "model"
 
 

@@ -364,7 +364,6 @@ def _port_open(port: int) -> bool:
 def test_serve_command_serves_and_stops_on_sigterm(demo_model, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["MOE_CLUSTER_CACHE"] = str(tmp_path / "cache")
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [str(CLI), "serve", "--port", str(port), "--model", str(demo_model), "--max-model-len", "512"],

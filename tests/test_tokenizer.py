@@ -76,3 +76,79 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     demo.write_afmoe_checkpoint(tmp_path, {"num_hidden_layers": 2}, tokenizer=False)
     with pytest.raises(ValueError, match=str(tmp_path)):
         Tokenizer.from_model_dir(tmp_path)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Weather in Paris and Lyon?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call-1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call-2",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Lyon"}},
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call-1", "content": "sunny, 21 C"},
+    {"role": "tool", "tool_call_id": "call-2", "content": "rain, 14 C"},
+]
+
+
+def _render(tok: Tokenizer, messages: list[dict], **kwargs) -> str:
+    return tok._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+
+
+def test_chat_template_carries_tools_calls_and_results(model_dir: Path) -> None:
+    tok = Tokenizer.from_model_dir(model_dir)
+    text = _render(tok, TOOL_CONVERSATION, tools=[WEATHER_TOOL])
+
+    system = text.split(demo.IM_END_TOKEN)[0]
+    assert system.startswith(demo.BOS_TOKEN + "<|im_start|>system\nYou are helpful.")
+    tools_block = system.split("<tools>\n")[1].split("\n</tools>")[0]
+    assert [json.loads(line) for line in tools_block.splitlines()] == [WEATHER_TOOL["function"]]
+
+    calls = [json.loads(c.split("</tool_call>")[0]) for c in text.split("<tool_call>\n")[2:]]
+    assert calls == [
+        {"name": "get_weather", "arguments": {"city": "Paris"}},
+        {"name": "get_weather", "arguments": {"city": "Lyon"}},
+    ]
+    # consecutive tool results share one user turn, in order
+    results_turn = text.split("<|im_start|>user\n")[-1].split(demo.IM_END_TOKEN)[0]
+    assert results_turn == (
+        "<tool_response>\nsunny, 21 C\n</tool_response>\n<tool_response>\nrain, 14 C\n</tool_response>"
+    )
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_template_reasoning_and_thinking_prompt(model_dir: Path) -> None:
+    tok = Tokenizer.from_model_dir(model_dir)
+    answered = [*MESSAGES, {"role": "assistant", "content": "Paris.", "reasoning_content": "A capital."}]
+    text = _render(tok, [*answered, {"role": "user", "content": "Sure?"}], enable_thinking=True)
+    assert "<|im_start|>assistant\n<think>\nA capital.\n</think>\n\nParis.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n")
+    assert _render(tok, MESSAGES).endswith("<|im_start|>assistant\n")
+
+
+def test_tool_tags_are_single_tokens_that_decoding_keeps(model_dir: Path) -> None:
+    tok = Tokenizer.from_model_dir(model_dir)
+    text = '<think>\nweather\n</think>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    ids = tok.encode(text)
+    for tag in demo.TOOL_TOKENS[:2] + demo.TOOL_TOKENS[4:]:
+        assert _id(tok, tag) in ids
+    assert tok.decode(ids) == text

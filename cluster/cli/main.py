@@ -26,9 +26,9 @@ def _model_path(arg: str | None) -> Path:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from cluster.demo import write_demo_model
+    from cluster.demo import copy_demo_model
 
-    print(write_demo_model(args.path))
+    print(copy_demo_model(args.path))
     return 0
 
 
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo-model", help="write a small random AFMoE checkpoint with a tokenizer")
+    demo = sub.add_parser("demo-model", help="copy the trained demo model (checkpoint and tokenizer) to PATH")
     demo.add_argument("path", type=Path)
     demo.set_defaults(run=cmd_demo_model)
 
