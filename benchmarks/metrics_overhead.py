@@ -94,7 +94,7 @@ def timed(engine: Engine, batch: list[list[int]], new_tokens: int) -> tuple[floa
     return len(batch) * new_tokens / cpu, len(batch) * new_tokens / wall
 
 
-def local_core(model_dir: Path, shards: int, max_num_seqs: int) -> EngineCore:
+def local_core(model_dir: Path, shards: int, max_num_seqs: int, profile: bool) -> EngineCore:
     config = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
     cpu, dtype = torch.device("cpu"), torch.float32
@@ -106,7 +106,7 @@ def local_core(model_dir: Path, shards: int, max_num_seqs: int) -> EngineCore:
     cache = KVCache(config, cache_bytes, max_num_seqs, 16, dtype, cpu)
     model = load_router_model(reader, config, dtype, cpu)
     scheduler = SchedulerConfig(max_num_seqs, 2048, 512, 1024)
-    return EngineCore(config, model, cache, LocalExperts(loaded, placement), scheduler)
+    return EngineCore(config, model, cache, LocalExperts(loaded, placement), scheduler, profile=profile)
 
 
 def loop_tokens_per_s(
@@ -115,7 +115,6 @@ def loop_tokens_per_s(
     """One batch through the core as EngineLoop drives it (arrivals, steps, step reports, idle);
     (tokens per CPU second of this process, per wall second). Adds the wall time spent in the
     EngineMetrics calls themselves to RECORDING."""
-    core.experts.detail = metrics is not None
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     cpu, started = time.process_time(), time.perf_counter()
     recording = 0.0
@@ -191,16 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         model = write_afmoe_checkpoint(Path(tmp) / "model", MODEL_CONFIG, seed=3)
         batch = prompts(args.prompts, json.loads((model / "config.json").read_text())["vocab_size"])
         torch.set_num_threads(1)  # as the router actor runs (limit_threads)
-        core = local_core(model, args.shards, args.prompts)
+        plain, core = (local_core(model, args.shards, args.prompts, profile) for profile in (False, True))
         metrics = EngineMetrics(
             core, "bench", "in-process", lambda: True, lambda: 0, args.expert_layer_metrics
         )
-        loop_tokens_per_s(core, metrics, batch[:4], 8)  # warm-up
+        loop_tokens_per_s(plain, None, batch[:4], 8)  # warm-up
+        loop_tokens_per_s(core, metrics, batch[:4], 8)
         print("router loop in this process:", flush=True)
         rates = alternate(
             args.rounds,
             {
-                "off": lambda: loop_tokens_per_s(core, None, batch, args.new_tokens),
+                "off": lambda: loop_tokens_per_s(plain, None, batch, args.new_tokens),
                 "on": lambda: loop_tokens_per_s(core, metrics, batch, args.new_tokens),
             },
         )

@@ -50,6 +50,11 @@ class EngineOptions(BaseModel):
         "PACK", description="placement group strategy of an instance's bundles"
     )
     ready_timeout_s: float = Field(300.0, gt=0, description="seconds for an instance to come up")
+    overlap: bool = Field(
+        True,
+        description="two-batch overlap: large steps run as two micro-batches, so that the router computes "
+        "one while the expert actors compute the other (off by itself for steps too small to split)",
+    )
     metrics: bool = Field(True, description="export moe_* metrics through Ray's metrics agent")
     expert_layer_metrics: bool = Field(
         False, description="also a tokens series per (layer, expert): layers x experts series per instance"
