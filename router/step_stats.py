@@ -35,11 +35,13 @@ class StepTotals:
     """Sums over steps (RouterActor.stats, benchmarks); replaced to reset."""
 
     steps: int = 0
+    split_steps: int = 0  # run as two micro-batches
     forward_seconds: float = 0.0
     exchange: ExchangeStats = field(default_factory=ExchangeStats)
 
     def add(self, step: StepStats) -> None:
         self.steps += 1
+        self.split_steps += step.micro_batches > 1
         self.forward_seconds += step.forward_seconds
         self.exchange.add(step.exchange)
 

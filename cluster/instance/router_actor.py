@@ -121,6 +121,7 @@ class RouterActor:
         totals, exchange = core.totals, core.totals.exchange
         out = {
             "steps": totals.steps,
+            "split_steps": totals.split_steps,
             "step_seconds": totals.forward_seconds,
             "exchange_seconds": exchange.wait_seconds,
             "messages": exchange.messages,
