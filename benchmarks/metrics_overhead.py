@@ -94,10 +94,12 @@ def timed(engine: Engine, batch: list[list[int]], new_tokens: int) -> tuple[floa
     return len(batch) * new_tokens / cpu, len(batch) * new_tokens / wall
 
 
-def local_core(model_dir: Path, shards: int, max_num_seqs: int, profile: bool) -> EngineCore:
+def local_core(
+    model_dir: Path, shards: int, max_num_seqs: int, profile: bool, dtype: torch.dtype = torch.float32
+) -> EngineCore:
     config = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
-    cpu, dtype = torch.device("cpu"), torch.float32
+    cpu = torch.device("cpu")
     placement = ExpertPlacement(config.num_experts, shards)
     loaded = [
         ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)

@@ -122,9 +122,13 @@ class TransportExperts:
 
     On a GPU the messages go on a stream of their own, so that the router's kernels (the shared
     expert, the other micro-batch's attention) are not queued behind a combine still in flight.
+    A rank that got no rows for `keepalive_s` while others did gets a HEARTBEAT, so that its receive
+    does not time out while the router is busy.
     """
 
-    def __init__(self, transport: Transport, placement: ExpertPlacement, top_k: int) -> None:
+    def __init__(
+        self, transport: Transport, placement: ExpertPlacement, top_k: int, keepalive_s: float = 10.0
+    ) -> None:
         if transport.world_size != placement.num_shards + 1:
             raise ValueError(
                 f"transport has {transport.world_size} ranks, placement needs {placement.num_shards + 1}"
@@ -133,13 +137,16 @@ class TransportExperts:
         self.placement = placement
         self.top_k = top_k
         self.stats = ExchangeStats()
+        self.keepalive_s = keepalive_s
         self._in_flight: deque[Dispatched] = deque()
         self._comm_stream: torch.cuda.Stream | None = None
+        self._last_sent = [time.monotonic()] * transport.world_size
 
     def reconnect(self, transport: Transport) -> None:
         """A re-formed group: what was in flight on the old one is lost (the step is re-run)."""
         self.transport = transport
         self._in_flight.clear()
+        self._last_sent = [time.monotonic()] * transport.world_size
 
     def take_stats(self) -> ExchangeStats:
         stats, self.stats = self.stats, ExchangeStats()
@@ -148,17 +155,21 @@ class TransportExperts:
     def dispatch(self, layer, hidden, ids, weights, tag=0):
         plan = plan_dispatch(ids, weights, self.placement)
         payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
-        ranks, counts, start = [], [], 0
+        ranks, counts, start, now = [], [], 0, time.monotonic()
         with self._comm(hidden, wait_for_main=True):
-            for shard, count in enumerate(plan.shard_counts):
+            for rank, count in enumerate(plan.shard_counts, start=1):
                 if count:
-                    rank = shard + 1
                     self.transport.send(
                         rank, head(Op.DISPATCH, layer, count, tag), payload[start : start + count]
                     )
                     ranks.append(rank)
                     counts.append(count)
                     start += count
+                elif now - self._last_sent[rank] > self.keepalive_s:
+                    self.transport.send(rank, head(Op.HEARTBEAT))
+                else:
+                    continue
+                self._last_sent[rank] = now
             if payload.is_cuda:
                 payload.record_stream(torch.cuda.current_stream())
         self.stats.messages += len(ranks)
@@ -211,6 +222,7 @@ class TransportExperts:
     def _broadcast(self, op: Op) -> None:
         for rank in range(1, self.transport.world_size):
             self.transport.send(rank, head(op))
+            self._last_sent[rank] = time.monotonic()
 
     def heartbeat(self) -> None:
         self._broadcast(Op.HEARTBEAT)

@@ -7,6 +7,7 @@ loopback.
 
 import socket
 import threading
+import time
 import types
 
 import pytest
@@ -420,6 +421,29 @@ def test_a_rank_that_owns_no_routed_expert_gets_no_message_and_the_router_does_n
         group.join()
     assert not group.errors, group.errors
     assert group.served == {1: NUM_LAYERS, 2: 0}
+
+
+def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() -> None:
+    """The router keeps dispatching to rank 1 only, for longer than the ranks' 1 s timeout: rank 2 must
+    get HEARTBEATs meanwhile, or its receive times out and its loop fails."""
+    num_experts, k = 4, 1
+    gen = torch.Generator().manual_seed(4)
+    placement = ExpertPlacement(num_experts, 2)
+    gate_up, down = _experts(num_experts, gen)
+    group = ExpertGroup(_shards(placement, gate_up, down, torch.float32), k, torch.float32, timeout_s=1)
+    try:
+        remote = TransportExperts(group.router, placement, k, keepalive_s=0.2)
+        ids, weights = _routing(2, k, placement.experts_of(0), gen)
+        hidden = torch.randn(2, HIDDEN, generator=gen)
+        layers, deadline = 0, time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            remote.combine(remote.dispatch(0, hidden, ids, weights), torch.zeros(2, HIDDEN))
+            layers += 1
+        remote.stop()
+    finally:
+        group.join()
+    assert not group.errors, group.errors
+    assert group.served == {1: layers, 2: 0}
 
 
 def test_a_dead_expert_rank_is_a_transport_error_on_the_router() -> None:

@@ -64,7 +64,12 @@ class ModelInstance:
         ray.get([e.info.remote() for e in self.experts], timeout=config.ready_timeout_s)
         self.transport, self._serving = self._form_group()
         placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
-        experts = TransportExperts(self.transport, placement, self.model_config.num_experts_per_tok)
+        experts = TransportExperts(
+            self.transport,
+            placement,
+            self.model_config.num_experts_per_tok,
+            keepalive_s=config.collective_timeout_s / 4,
+        )
         tokenizer = self.prompts.tokenizer
         eos = tuple(tokenizer.eos_token_ids) if tokenizer else self.model_config.eos_token_ids
         scheduler = SchedulerConfig(
