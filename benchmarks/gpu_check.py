@@ -150,7 +150,8 @@ def main() -> None:
         )
     o = result["parity_overlap"]
     print(
-        f"    with two-batch overlap ({o['split_steps']} split steps): {o['identical']}/{o['prompts']} identical"
+        f"    with two-batch overlap ({o['split_steps']} split steps): "
+        f"{o['identical']}/{o['prompts']} identical"
     )
     n = result["nccl"]
     print(
