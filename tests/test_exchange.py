@@ -5,6 +5,8 @@ expert rank's loop (router/expert_loop.py) in a thread of its own, each with its
 loopback.
 """
 
+from __future__ import annotations
+
 import socket
 import threading
 import time
@@ -295,6 +297,12 @@ class ExpertGroup:
         except BaseException as err:
             self.errors.append(err)
 
+    def __enter__(self) -> ExpertGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()
+
     def join(self) -> None:
         """After STOP (or, if the test failed first, the ranks' timeout): the router closes last, as
         its sends are asynchronous and the ranks must have received them."""
@@ -302,6 +310,16 @@ class ExpertGroup:
             thread.join(timeout=60)
         self.router.close()
         assert not any(t.is_alive() for t in self.threads)
+
+
+def _fp32_group(
+    num_experts: int, num_shards: int, k: int, seed: int, timeout_s: float = 15, strategy: str = "contiguous"
+) -> tuple[ExpertPlacement, torch.Generator, list[ExpertShard], ExpertGroup]:
+    gen = torch.Generator().manual_seed(seed)
+    placement = ExpertPlacement(num_experts, num_shards, strategy)
+    gate_up, down = _experts(num_experts, gen)
+    shards = _shards(placement, gate_up, down, torch.float32)
+    return placement, gen, shards, ExpertGroup(shards, k, torch.float32, timeout_s)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +346,7 @@ def test_transport_experts_over_gloo_equal_local_experts(
     expected_messages = {r: 0 for r in range(1, num_shards + 1)}
 
     group = ExpertGroup(shards, k, dtype)
-    try:
+    with group:
         remote = TransportExperts(group.router, placement, k)
         for step, step_inputs in zip(steps, inputs, strict=True):
             for layer, ((ids, weights), hidden) in enumerate(zip(step, step_inputs, strict=True)):
@@ -346,8 +364,6 @@ def test_transport_experts_over_gloo_equal_local_experts(
                     expected_messages[shard + 1] += 1
             remote.heartbeat()  # between steps, as the idle engine loop does: not a dispatch
         remote.stop()
-    finally:
-        group.join()
     assert not group.errors, group.errors
     # a rank hears only of the (layer) dispatches that have rows for it: idle ranks got no message
     assert group.served == expected_messages
@@ -365,13 +381,9 @@ def test_two_micro_batches_interleave_on_the_expert_ranks() -> None:
     """Dispatch A, dispatch B, then combine A, combine B, layer after layer: each answer is its own
     micro-batch's, with A's and B's rows in flight on every rank at once."""
     num_experts, k = 8, 2
-    gen = torch.Generator().manual_seed(5)
-    placement = ExpertPlacement(num_experts, 2, "round_robin")
-    gate_up, down = _experts(num_experts, gen)
-    shards = _shards(placement, gate_up, down, torch.float32)
+    placement, gen, shards, group = _fp32_group(num_experts, 2, k, seed=5, strategy="round_robin")
     local = LocalExperts(shards, placement)
-    group = ExpertGroup(shards, k, torch.float32)
-    try:
+    with group:
         remote = TransportExperts(group.router, placement, k)
         for layer in range(NUM_LAYERS):
             batches = [
@@ -389,8 +401,6 @@ def test_two_micro_batches_interleave_on_the_expert_ranks() -> None:
         remote.combine(a, torch.zeros(5, HIDDEN))
         remote.combine(b, torch.zeros(3, HIDDEN))
         remote.stop()
-    finally:
-        group.join()
     assert not group.errors, group.errors
 
 
@@ -402,13 +412,9 @@ def _swap(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def test_a_rank_that_owns_no_routed_expert_gets_no_message_and_the_router_does_not_wait() -> None:
     """Every token routed to shard 0 for many layers: shard 1 hears nothing but STOP; a router that
     waited for it would time out (the group's timeout is short)."""
-    num_experts, k = 6, 2
-    gen = torch.Generator().manual_seed(9)
-    placement = ExpertPlacement(num_experts, 2)
-    gate_up, down = _experts(num_experts, gen)
-    shards = _shards(placement, gate_up, down, torch.float32)
-    group = ExpertGroup(shards, k, torch.float32, timeout_s=3)
-    try:
+    k = 2
+    placement, gen, _, group = _fp32_group(6, 2, k, seed=9, timeout_s=3)
+    with group:
         remote = TransportExperts(group.router, placement, k)
         for layer in range(NUM_LAYERS):
             ids, weights = _routing(4, k, placement.experts_of(0), gen)
@@ -417,8 +423,6 @@ def test_a_rank_that_owns_no_routed_expert_gets_no_message_and_the_router_does_n
             assert sent.ranks == [1]
             remote.combine(sent, torch.zeros(4, HIDDEN))
         remote.stop()
-    finally:
-        group.join()
     assert not group.errors, group.errors
     assert group.served == {1: NUM_LAYERS, 2: 0}
 
@@ -426,12 +430,9 @@ def test_a_rank_that_owns_no_routed_expert_gets_no_message_and_the_router_does_n
 def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() -> None:
     """The router keeps dispatching to rank 1 only, for longer than the ranks' 1 s timeout: rank 2 must
     get HEARTBEATs meanwhile, or its receive times out and its loop fails."""
-    num_experts, k = 4, 1
-    gen = torch.Generator().manual_seed(4)
-    placement = ExpertPlacement(num_experts, 2)
-    gate_up, down = _experts(num_experts, gen)
-    group = ExpertGroup(_shards(placement, gate_up, down, torch.float32), k, torch.float32, timeout_s=1)
-    try:
+    k = 1
+    placement, gen, _, group = _fp32_group(4, 2, k, seed=4, timeout_s=1)
+    with group:
         remote = TransportExperts(group.router, placement, k, keepalive_s=0.2)
         ids, weights = _routing(2, k, placement.experts_of(0), gen)
         hidden = torch.randn(2, HIDDEN, generator=gen)
@@ -440,26 +441,19 @@ def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() ->
             remote.combine(remote.dispatch(0, hidden, ids, weights), torch.zeros(2, HIDDEN))
             layers += 1
         remote.stop()
-    finally:
-        group.join()
     assert not group.errors, group.errors
     assert group.served == {1: layers, 2: 0}
 
 
 def test_a_dead_expert_rank_is_a_transport_error_on_the_router() -> None:
-    placement = ExpertPlacement(4, 1)
-    gen = torch.Generator().manual_seed(2)
-    gate_up, down = _experts(4, gen)
-    group = ExpertGroup(_shards(placement, gate_up, down, torch.float32), 2, torch.float32, timeout_s=2)
-    try:
+    placement, gen, _, group = _fp32_group(4, 1, 2, seed=2, timeout_s=2)
+    with group:
         remote = TransportExperts(group.router, placement, 2)
         remote.stop()  # the rank's loop ends: nobody answers the next dispatch
         ids, weights = _routing(3, 2, list(range(4)), gen)
         sent = remote.dispatch(0, torch.randn(3, HIDDEN, generator=gen), ids, weights)
         with pytest.raises(TransportError):
             remote.combine(sent, torch.zeros(3, HIDDEN))
-    finally:
-        group.join()
 
 
 def test_transport_experts_checks_the_world_size() -> None:
