@@ -1,14 +1,15 @@
 """Tokens/s of transformers `generate` against the engine, side by side in one run.
 
-One random AFMoE checkpoint (small, but big enough that expert compute matters), greedy decoding of a fixed
-number of new tokens (EOS ignored on both sides), for every combination of: dtype (fp32, bf16; transformers
-in the same dtype), prompts in one batch (1, 16, 64), and engine (1 and 2 expert actors, two-batch overlap
-on and off, plus the same engine core with every expert in this process, one thread, as a no-transport
-reference). Per row: tokens/s and ratios, the router's step time split into exchange wait and the rest,
-the per-step overhead outside the model forward, and a roofline column: tokens/s against the bound set by
-the weight bytes a decode step touches over the memory read bandwidth measured in this run.
+One random AFMoE checkpoint (small, but big enough that expert compute matters), greedy decoding of a
+fixed number of new tokens (EOS ignored on both sides), for every combination of: dtype (fp32, bf16;
+transformers in the same dtype), prompts in one batch (1, 8, 16, 64; 8 tokens is where steps start to
+split), and engine (1 and 2 expert actors, two-batch overlap on and off, plus the same engine core with
+every expert in this process, one thread, as a no-transport reference). Per row: tokens/s and ratios,
+the router's step time split into exchange wait and the rest, the per-step overhead outside the model
+forward, and a roofline column: tokens/s against the bound set by the weight bytes a decode step
+touches over the memory read bandwidth measured in this run.
 
-    python -m benchmarks.engine_vs_transformers [--prompts 1,16,64] [--new-tokens 32] [--json PATH]
+    python -m benchmarks.engine_vs_transformers [--prompts 1,8,16,64] [--new-tokens 32] [--json PATH]
 
 The transport is a parameter (--transport, when the engine has that option: auto|shm|gloo).
 """
@@ -71,7 +72,7 @@ class Result:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", default="1,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--prompts", default="1,8,16,64", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt")
     parser.add_argument("--shards", default="1,2", help="comma-separated expert actor counts")
     parser.add_argument("--dtypes", default="float32,bfloat16")
