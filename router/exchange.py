@@ -230,6 +230,14 @@ class TransportExperts:
     def stop(self) -> None:
         self._broadcast(Op.STOP)
 
+    def release(self) -> None:
+        """Best effort, before a broken group is dropped: STOP to every rank that still listens, so that
+        the live ranks' loops end now rather than at their receive timeout (their actors are reused).
+        Their peers are only the router: unlike a collective, no dead peer would wake them."""
+        for rank in range(1, self.transport.world_size):
+            with contextlib.suppress(TransportError):
+                self.transport.send(rank, head(Op.STOP))
+
 
 class LocalExperts:
     """All shards in the router's own process: the same plan and compute with no transport.

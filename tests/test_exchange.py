@@ -445,6 +445,22 @@ def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() ->
     assert group.served == {1: layers, 2: 0}
 
 
+def test_release_ends_the_live_ranks_loops_at_once() -> None:
+    """What ModelInstance.rebuild does after a failure: the live ranks stop long before their 30 s timeout."""
+    placement, gen, _, group = _fp32_group(4, 2, 1, seed=3, timeout_s=30)
+    remote = TransportExperts(group.router, placement, 1)
+    ids, weights = _routing(2, 1, list(range(4)), gen)
+    remote.dispatch(0, torch.randn(2, HIDDEN, generator=gen), ids, weights)  # never combined
+    started = time.monotonic()
+    remote.release()
+    for thread in group.threads:
+        thread.join(timeout=10)
+    group.router.close()
+    assert time.monotonic() - started < 10
+    assert not group.errors, group.errors
+    assert sum(group.served.values()) == len({int(placement.shard_of[e]) for e in ids.flatten()})
+
+
 def test_a_dead_expert_rank_is_a_transport_error_on_the_router() -> None:
     placement, gen, _, group = _fp32_group(4, 1, 2, seed=2, timeout_s=2)
     with group:

@@ -119,6 +119,7 @@ class ModelInstance:
         stuck in the old group after a grace period, are replaced in their own bundle and reload their
         experts. The caller re-runs the interrupted step.
         """
+        self.core.experts.release()
         self.transport.close()
         grace = min(10.0, self.config.collective_timeout_s)
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=grace)
