@@ -1,13 +1,17 @@
-"""Tokens/s of transformers `generate` against the engine with 1 and 2 expert shards.
+"""Tokens/s of transformers `generate` against the engine, side by side in one run.
 
-One run on one random AFMoE checkpoint (small, but big enough that expert compute matters) and one set of
-token-id prompts; greedy decoding of a fixed number of new tokens (EOS ignored on both sides). Prints one
-table: seconds, tokens/s, ratios, the share of the router's step time spent in the expert exchange, and a
-check of the exchange volume per token and MoE layer; then whether the greedy tokens are identical.
+One random AFMoE checkpoint (small, but big enough that expert compute matters), greedy decoding of a
+fixed number of new tokens (EOS ignored on both sides), for every combination of: dtype (fp32, bf16;
+transformers in the same dtype), prompts in one batch (1, 8, 16, 64; 8 tokens is where steps start to
+split), and engine (1 and 2 expert actors, two-batch overlap on and off, plus the same engine core with
+every expert in this process, one thread, as a no-transport reference). Per row: tokens/s and ratios,
+the router's step time split into exchange wait and the rest, the per-step overhead outside the model
+forward, and a roofline column: tokens/s against the bound set by the weight bytes a decode step
+touches over the memory read bandwidth measured in this run.
 
-    python benchmarks/engine_vs_transformers.py [--prompts 16] [--new-tokens 64] [--shards 1,2] [--json PATH]
+    python -m benchmarks.engine_vs_transformers [--prompts 1,8,16,64] [--new-tokens 32] [--json PATH]
 
-Targets on a 2-core CPU machine: 1 shard >= 1.0x transformers; 2 shards >= 0.7x 1 shard.
+The transport is a parameter (--transport, when the engine has that option: auto|shm|gloo).
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
+from benchmarks.engine_rows import format_table, roofline_tokens_per_s, table_rows, verdicts
+from benchmarks.machine import machine_record, read_bandwidth
 from cluster.demo import write_afmoe_checkpoint
 from cluster.engine import Engine
+from cluster.options.engine import EngineOptions
+from router.sampling import SamplingParams
+from router.step_stats import StepTotals
+from tests.toolkit import local_core
 
 BENCH_CONFIG: dict = {
     "hidden_size": 512,
@@ -45,13 +55,14 @@ BENCH_CONFIG: dict = {
 }
 FIRST_PLAIN_ID = 5  # ids 0..4 are the demo tokenizer's special tokens
 TORCH_THREADS = 2
-TARGET_ONE_SHARD_VS_HF = 1.0
-TARGET_TWO_VS_ONE_SHARD = 0.7
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class Result:
     name: str
+    dtype: str
+    prompts: int
     seconds: float
     outputs: list[list[int]]
     stats: dict = field(default_factory=dict)
@@ -60,41 +71,30 @@ class Result:
         return sum(len(o) for o in self.outputs) / self.seconds
 
 
-@dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]
-    new_tokens: int
-    hidden_size: int
-    moe_layers: int
-    top_k: int
-
-    def token_layers(self) -> int:
-        """(token, MoE layer) pairs the engine exchanges: every prompt token and every fed-back new token."""
-        tokens = sum(len(p) for p in self.prompts) + len(self.prompts) * (self.new_tokens - 1)
-        return tokens * self.moe_layers
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=16, help="number of prompts (one batch)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--shards", default="1,2", help="comma-separated expert shard counts for the engine")
+    parser.add_argument("--prompts", default="1,8,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt")
+    parser.add_argument("--shards", default="1,2", help="comma-separated expert actor counts")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--overlap", default="on,off", help="two-batch overlap settings to run")
+    parser.add_argument("--transport", default=None, help="engine transport option, where it exists")
     parser.add_argument("--min-len", type=int, default=8, help="shortest prompt, in tokens")
     parser.add_argument("--max-len", type=int, default=64, help="longest prompt, in tokens")
     parser.add_argument(
         "--hf-experts",
         default="eager",
-        help="transformers experts_implementation; eager is its fastest on CPU (its default grouped_mm and "
-        "batched_mm run 25-100x slower there), so it is the fair baseline",
+        help="transformers experts_implementation (eager: its fastest on CPU, so the fair baseline)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the checkpoint and the prompts")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    args.shards = [int(s) for s in args.shards.split(",") if s.strip()]
-    if not args.shards or min(args.shards) < 1:
-        parser.error("--shards needs positive integers, e.g. 1,2")
-    if not 1 <= args.min_len <= args.max_len:
-        parser.error("need 1 <= --min-len <= --max-len")
+    args.prompts = [int(n) for n in args.prompts.split(",")]
+    args.shards = [int(n) for n in args.shards.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.overlap = [o == "on" for o in args.overlap.split(",")]
+    if min(args.prompts) < 1 or min(args.shards) < 1 or not set(args.dtypes) <= set(DTYPES):
+        parser.error("need positive --prompts and --shards and dtypes among " + ",".join(DTYPES))
     return args
 
 
@@ -123,55 +123,6 @@ def hf_generate(model: transformers.AfmoeForCausalLM, prompts: list[list[int]], 
     return out[:, ids.shape[1] :].tolist()
 
 
-def run_transformers(path: Path, work: Workload, experts: str) -> Result:
-    torch.set_num_threads(TORCH_THREADS)
-    model = transformers.AfmoeForCausalLM.from_pretrained(
-        path, dtype=torch.float32, experts_implementation=experts
-    ).eval()
-    model.generation_config.eos_token_id = None
-    hf_generate(model, work.prompts, 2)  # warm-up
-    start = time.perf_counter()
-    outputs = hf_generate(model, work.prompts, work.new_tokens)
-    seconds = time.perf_counter() - start
-    experts = model.config._experts_implementation
-    del model
-    gc.collect()
-    return Result("transformers", seconds, outputs, {"experts_implementation": experts})
-
-
-def run_engine(path: Path, work: Workload, shards: int) -> Result:
-    with Engine(
-        path, expert_shards=shards, router_cpus=1, expert_cpus=1, max_num_seqs=len(work.prompts)
-    ) as eng:
-        eng.generate(work.prompts, max_new_tokens=2, ignore_eos=True)  # warm-up
-        eng.stats(reset=True)
-        start = time.perf_counter()
-        completions = eng.generate(work.prompts, max_new_tokens=work.new_tokens, ignore_eos=True)
-        seconds = time.perf_counter() - start
-        stats = eng.stats()
-    return Result(
-        f"engine {shards} shard{'s' if shards > 1 else ''}",
-        seconds,
-        [c.token_ids for c in completions],
-        stats,
-    )
-
-
-def exchange_check(result: Result, work: Workload, shards: int) -> tuple[str, bool]:
-    """KB and rows per (token, MoE layer): rows in [1, min(shards, top_k)], payload = rows x hidden x 4 B."""
-    stats = result.stats
-    if not shards:
-        return "", True
-    token_layers = work.token_layers()
-    rows = stats["rows_sent"] / token_layers
-    kb = stats["payload_bytes"] / token_layers / 1024
-    ok = (
-        1.0 <= rows <= min(shards, work.top_k)
-        and stats["payload_bytes"] == stats["rows_sent"] * work.hidden_size * 4
-    )
-    return f"{kb:.2f} KB, {rows:.2f} rows {'ok' if ok else 'BAD'}", ok
-
-
 def mismatch(reference: list[list[int]], other: list[list[int]]) -> str:
     """'' if identical, else how many sequences differ and where the first one does."""
     diffs = [
@@ -185,150 +136,125 @@ def mismatch(reference: list[list[int]], other: list[list[int]]) -> str:
     return f"{len(diffs)}/{len(reference)} sequences differ, first: prompt {prompt} at new token {pos}"
 
 
-def table_rows(results: list[Result], work: Workload, shard_counts: list[int]) -> list[dict]:
-    hf = results[0]
-    one = next((r for r, n in zip(results[1:], shard_counts, strict=True) if n == 1), None)
-    rows = []
-    for result, shards in zip(results, [0, *shard_counts], strict=True):
-        stats = result.stats
-        share = stats["exchange_seconds"] / stats["step_seconds"] if stats.get("step_seconds") else None
-        check, ok = exchange_check(result, work, shards)
-        rows.append(
-            {
-                "name": result.name,
-                "seconds": result.seconds,
-                "tokens_per_s": result.tokens_per_s(),
-                "vs_transformers": result.tokens_per_s() / hf.tokens_per_s(),
-                "vs_one_shard": result.tokens_per_s() / one.tokens_per_s() if shards and one else None,
-                "exchange_share": share,
-                "exchange_check": check,
-                "exchange_ok": ok,
-                "identical": None if not shards else not mismatch(hf.outputs, result.outputs),
-                "mismatch": mismatch(hf.outputs, result.outputs) if shards else "",
-                "stats": stats,
-            }
-        )
-    return rows
+def run_transformers(
+    path: Path, prompts: list[list[int]], counts: list[int], new: int, dtype: str, experts: str
+) -> list[Result]:
+    torch.set_num_threads(TORCH_THREADS)
+    model = transformers.AfmoeForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], experts_implementation=experts
+    ).eval()
+    model.generation_config.eos_token_id = None
+    hf_generate(model, prompts[:2], 2)  # warm-up
+    results = []
+    for batch in counts:
+        start = time.perf_counter()
+        outputs = hf_generate(model, prompts[:batch], new)
+        results.append(Result("transformers", dtype, batch, time.perf_counter() - start, outputs))
+    del model
+    gc.collect()
+    return results
 
 
-def format_table(rows: list[dict]) -> str:
-    header = [
-        "",
-        "seconds",
-        "tokens/s",
-        "vs transformers",
-        "vs 1 shard",
-        "exchange share of step",
-        "exchange per token-layer",
-    ]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    body = [
-        [
-            r["name"],
-            fmt(r["seconds"], ".2f"),
-            fmt(r["tokens_per_s"], ".1f"),
-            fmt(r["vs_transformers"], ".2f") + "x",
-            fmt(r["vs_one_shard"], ".2f") + ("x" if r["vs_one_shard"] else ""),
-            fmt(r["exchange_share"], ".1%"),
-            r["exchange_check"] or "-",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def run_engine(
+    path: Path, prompts: list[list[int]], counts: list[int], new: int, dtype: str, options: dict
+) -> list[Result]:
+    shards, overlap = options["expert_shards"], options["overlap"]
+    name = f"engine {shards} actor{'s' if shards > 1 else ''}, overlap {'on' if overlap else 'off'}"
+    results = []
+    with Engine(path, router_cpus=1, expert_cpus=1, max_num_seqs=len(prompts), dtype=dtype, **options) as eng:
+        eng.generate(prompts[:2], max_new_tokens=2, ignore_eos=True)  # warm-up
+        for batch in counts:
+            eng.stats(reset=True)
+            start = time.perf_counter()
+            completions = eng.generate(prompts[:batch], max_new_tokens=new, ignore_eos=True)
+            seconds = time.perf_counter() - start
+            outputs = [c.token_ids for c in completions]
+            results.append(Result(name, dtype, batch, seconds, outputs, eng.stats()))
+    return results
 
 
-def verdicts(rows: list[dict], shard_counts: list[int]) -> list[str]:
-    by_shards = dict(zip(shard_counts, rows[1:], strict=True))
-    out = []
-    if 1 in by_shards:
-        ratio = by_shards[1]["vs_transformers"]
-        hit = "met" if ratio >= TARGET_ONE_SHARD_VS_HF else "MISSED"
-        out.append(f"target 1 shard >= {TARGET_ONE_SHARD_VS_HF:.1f}x transformers: {ratio:.2f}x, {hit}")
-    if 1 in by_shards and 2 in by_shards:
-        ratio = by_shards[2]["vs_one_shard"]
-        hit = "met" if ratio >= TARGET_TWO_VS_ONE_SHARD else "MISSED"
-        out.append(f"target 2 shards >= {TARGET_TWO_VS_ONE_SHARD:.1f}x 1 shard: {ratio:.2f}x, {hit}")
-    for row in rows[1:]:
-        same = "yes" if row["identical"] else f"no ({row['mismatch']})"
-        out.append(f"tokens identical, transformers vs {row['name']}: {same}")
-    return out
-
-
-def describe(work: Workload, hf: Result) -> str:
-    lengths = [len(p) for p in work.prompts]
-    cfg = BENCH_CONFIG
-    return (
-        f"checkpoint: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers "
-        f"({work.moe_layers} MoE), "
-        f"{cfg['num_experts']} experts top-{cfg['num_experts_per_tok']}, moe_intermediate "
-        f"{cfg['moe_intermediate_size']}, fp32\n"
-        f"workload: {len(work.prompts)} prompts of {min(lengths)}..{max(lengths)} tokens "
-        f"(sum {sum(lengths)}), "
-        f"{work.new_tokens} new tokens each, greedy, EOS ignored\n"
-        f"transformers: torch threads {TORCH_THREADS}, experts_implementation "
-        f"{hf.stats['experts_implementation']}; engine: router 1 CPU + 1 CPU per expert shard, "
-        f"one torch thread each; machine: {os.cpu_count()} CPUs"
+def run_in_process(
+    path: Path, prompts: list[list[int]], counts: list[int], new: int, dtype: str
+) -> list[Result]:
+    """The engine core with LocalExperts in this process, one thread: the engine without a transport."""
+    torch.set_num_threads(1)
+    core = local_core(
+        path,
+        1,
+        len(prompts),
+        max_model_len=512,
+        max_num_batched_tokens=2048,
+        max_waiting=1024,
+        dtype=DTYPES[dtype],
+        profile=False,
     )
-
-
-def load_note(before: float, after: float) -> str:
-    """Timings are only meaningful on an otherwise idle machine (with 2 torch threads, transformers slows down
-    many times over on a busy one): say how busy it was. The load at the end includes this run's own."""
-    cpus = os.cpu_count() or 1
-    note = f"1-min load average: {before:.2f} at start, {after:.2f} at end, this run included ({cpus} CPUs)"
-    if before > 0.5 * cpus:
-        note += ": the machine was busy at the start, timings are unreliable"
-    return note
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    core.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True)] * 2)
+    results = []
+    for batch in counts:
+        core.totals = StepTotals()
+        start = time.perf_counter()
+        seqs = core.generate(prompts[:batch], [params] * batch)
+        seconds = time.perf_counter() - start
+        stats = {
+            "steps": core.totals.steps,
+            "step_seconds": core.totals.forward_seconds,
+            "exchange_seconds": 0.0,
+        }
+        results.append(
+            Result("in-process core, 1 thread", dtype, batch, seconds, [s.output_ids for s in seqs], stats)
+        )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if os.environ.get("RAY_ADDRESS"):
-        print("note: RAY_ADDRESS is set, the engine joins that cluster", file=sys.stderr)
-    load_before = os.getloadavg()[0]
+    record = machine_record()
+    bandwidth = read_bandwidth(threads=TORCH_THREADS)
+    transport = (
+        {"transport": args.transport} if args.transport and "transport" in EngineOptions.model_fields else {}
+    )
     wall = time.perf_counter()
+    results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="moe-bench-") as tmp:
         path = write_afmoe_checkpoint(Path(tmp) / "model", BENCH_CONFIG, seed=args.seed)
         config = json.loads((path / "config.json").read_text())
-        work = Workload(
-            make_prompts(args.prompts, config["vocab_size"], args.min_len, args.max_len, args.seed),
-            args.new_tokens,
-            config["hidden_size"],
-            config["num_hidden_layers"] - config["num_dense_layers"],
-            config["num_experts_per_tok"],
-        )
-        results = [run_transformers(path, work, args.hf_experts)]
-        results += [run_engine(path, work, n) for n in args.shards]
-    rows = table_rows(results, work, args.shards)
+        prompts = make_prompts(max(args.prompts), config["vocab_size"], args.min_len, args.max_len, args.seed)
+        for dtype in args.dtypes:
+            results += run_transformers(path, prompts, args.prompts, args.new_tokens, dtype, args.hf_experts)
+            results += run_in_process(path, prompts, args.prompts, args.new_tokens, dtype)
+            for shards in args.shards:
+                for overlap in args.overlap:
+                    options = {"expert_shards": shards, "overlap": overlap, **transport}
+                    results += run_engine(path, prompts, args.prompts, args.new_tokens, dtype, options)
+        bounds = {
+            (d, n): roofline_tokens_per_s(config, n, DTYPES[d].itemsize, bandwidth)
+            for d in args.dtypes
+            for n in args.prompts
+        }
+    rows = table_rows(results, bounds, mismatch)
     wall = time.perf_counter() - wall
-    print(describe(work, results[0]))
+    print(f"checkpoint: {BENCH_CONFIG}; {args.new_tokens} new tokens per prompt, greedy, EOS ignored")
+    print(
+        f"transformers: {TORCH_THREADS} threads, experts {args.hf_experts}; engine: router 1 CPU + 1 CPU"
+        f" per expert actor; memory read bandwidth ({TORCH_THREADS} threads) {bandwidth / 1e9:.1f} GB/s"
+    )
     print(format_table(rows))
-    print("\n".join(verdicts(rows, args.shards)))
-    print(f"wall time of the whole run: {wall:.1f} s")
-    print(load_note(load_before, os.getloadavg()[0]))
+    print("\n".join(verdicts(rows)))
+    print(f"wall time {wall:.0f} s; load average {record['load_average']} at start, {os.getloadavg()} at end")
     if args.json:
         report = {
+            "machine": record,
+            "load_average_end": os.getloadavg(),
+            "read_bandwidth_bytes_per_s": bandwidth,
             "config": BENCH_CONFIG,
-            "prompt_lengths": [len(p) for p in work.prompts],
-            "new_tokens": work.new_tokens,
+            "new_tokens": args.new_tokens,
+            "prompt_lengths": [len(p) for p in prompts],
+            "transport": transport.get("transport", "default"),
             "wall_seconds": wall,
-            "load_average": [load_before, os.getloadavg()[0]],
             "rows": rows,
-            "workload": {k: v for k, v in asdict(work).items() if k != "prompts"},
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

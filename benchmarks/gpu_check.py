@@ -1,7 +1,7 @@
 """One-GPU device check (at most ~8 minutes on an H200): parity, expert compute vs rooflines, NCCL.
 
 (a) the demo model in bf16 on the GPU against transformers fp32 on the CPU: greedy tokens for 8
-    prompts and the largest logit difference;
+    prompts and the largest logit difference, without and with two-batch overlap;
 (b) one EP rank of a Trinity-Large-shaped MoE layer (hidden 3072, expert FFN 3072, 32 of 256 experts,
     top-4, random bf16 weights): expert compute time for 1..512 routed tokens against the HBM roofline
     (bytes of the touched experts' weights / HBM bandwidth) and the bf16 FLOP roofline;
@@ -23,7 +23,7 @@ HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 989e12  # H200 dense bf16
 
 
-def parity(new_tokens: int = 24) -> dict:
+def parity(new_tokens: int = 24, overlap: bool = False) -> dict:
     from transformers import AfmoeForCausalLM
 
     from cluster.demo import demo_model_path
@@ -44,7 +44,9 @@ def parity(new_tokens: int = 24) -> dict:
     placement = ExpertPlacement(cfg.num_experts, 1)
     shard = ExpertShard.load(reader, cfg.moe_layers, placement.experts_of(0), torch.bfloat16).to(dev)
     cache = KVCache(cfg, default_cache_bytes(cfg, 8, 512, 16, torch.bfloat16), 8, 16, torch.bfloat16, dev)
-    core = EngineCore(cfg, model, cache, LocalExperts([shard], placement), SchedulerConfig(8, 2048, 512))
+    experts = LocalExperts([shard], placement)
+    scheduler = SchedulerConfig(8, 2048, 512)
+    core = EngineCore(cfg, model, cache, experts, scheduler, overlap=overlap, overlap_min_tokens=2)
     prompts = [[5 + i, 17 + 3 * i, 9, 22 + i, 41, 7 + i][: 2 + i % 5] for i in range(8)]
     ref = AfmoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -62,6 +64,7 @@ def parity(new_tokens: int = 24) -> dict:
         "prompts": len(prompts),
         "identical": same,
         "max_logit_diff": (logits - ref_logits).abs().max().item(),
+        "split_steps": core.totals.split_steps,
     }
 
 
@@ -131,6 +134,7 @@ def main() -> None:
     run = BenchmarkRun("gpu_check", args)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     result["parity"] = parity()
+    result["parity_overlap"] = parity(overlap=True)  # two micro-batches per step on the GPU
     result["experts"] = expert_rooflines()
     result["nccl"] = nccl_world_one()
     print(f"device {result['device']}, torch {result['torch']}")
@@ -145,6 +149,11 @@ def main() -> None:
             f"    {r['tokens']:6d} {r['pairs_here']:6d} {r['experts_touched']:8d} {r['us']:8.1f} "
             f"{r['hbm_roofline_us']:16.1f} {r['flop_roofline_us']:17.1f} {100 * r['of_hbm_roofline']:17.1f}"
         )
+    o = result["parity_overlap"]
+    print(
+        f"    with two-batch overlap ({o['split_steps']} split steps): "
+        f"{o['identical']}/{o['prompts']} identical"
+    )
     n = result["nccl"]
     print(
         f"(c) NCCL {n['nccl_version']}: world-size-1 round trip ok={n['round_trip_ok']}, "

@@ -94,7 +94,6 @@ def loop_tokens_per_s(
     """One batch through the core as EngineLoop drives it (arrivals, steps, step reports, idle);
     (tokens per CPU second of this process, per wall second). Adds the wall time spent in the
     EngineMetrics calls themselves to RECORDING."""
-    core.experts.detail = metrics is not None
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     cpu, started = time.process_time(), time.perf_counter()
     recording = 0.0
@@ -171,18 +170,28 @@ def main(argv: list[str] | None = None) -> int:
         model = write_afmoe_checkpoint(Path(tmp) / "model", MODEL_CONFIG, seed=3)
         batch = prompts(args.prompts, json.loads((model / "config.json").read_text())["vocab_size"])
         torch.set_num_threads(1)  # as the router actor runs (limit_threads)
-        core = local_core(
-            model, args.shards, args.prompts, max_model_len=512, max_num_batched_tokens=2048, max_waiting=1024
+        plain, core = (
+            local_core(
+                model,
+                args.shards,
+                args.prompts,
+                max_model_len=512,
+                max_num_batched_tokens=2048,
+                max_waiting=1024,
+                profile=profile,
+            )
+            for profile in (False, True)
         )
         metrics = EngineMetrics(
             core, "bench", "in-process", lambda: True, lambda: 0, args.expert_layer_metrics
         )
-        loop_tokens_per_s(core, metrics, batch[:4], 8)  # warm-up
+        loop_tokens_per_s(plain, None, batch[:4], 8)  # warm-up
+        loop_tokens_per_s(core, metrics, batch[:4], 8)
         print("router loop in this process:", flush=True)
         rates = alternate(
             args.rounds,
             {
-                "off": lambda: loop_tokens_per_s(core, None, batch, args.new_tokens),
+                "off": lambda: loop_tokens_per_s(plain, None, batch, args.new_tokens),
                 "on": lambda: loop_tokens_per_s(core, metrics, batch, args.new_tokens),
             },
         )

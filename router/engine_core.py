@@ -13,10 +13,12 @@ from router.config import ModelConfig
 from router.errors import InvalidRequest, TransportError
 from router.exchange import RoutedExperts
 from router.kv_cache import KVCache, SequenceBlocks
+from router.micro_batch import MIN_OVERLAP_TOKENS, MicroBatch, split_point
 from router.model import AfmoeRouterModel
 from router.sampling import SamplingParams, SamplingState, sample
-from router.scheduler import Scheduler, SchedulerConfig
+from router.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from router.sequence import Sequence
+from router.step_stats import Occupancy, StepProfiler, StepStats, StepTotals
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,13 @@ class TokenEvent:
 
 
 class EngineCore:
+    """Steps the model over the scheduler's batches; `last_step` and `totals` say what the steps did.
+
+    `overlap`: split steps of at least `overlap_min_tokens` tokens and two or more sequences into two
+    micro-batches (router/micro_batch.py). `profile`: also time attention and gates and count tokens
+    per expert in the step stats (metrics).
+    """
+
     def __init__(
         self,
         config: ModelConfig,
@@ -37,20 +46,24 @@ class EngineCore:
         experts: RoutedExperts,
         scheduler_config: SchedulerConfig,
         eos_token_ids: tuple[int, ...] = (),
+        overlap: bool = False,
+        overlap_min_tokens: int = MIN_OVERLAP_TOKENS,
+        profile: bool = False,
     ) -> None:
         self.config = config
         self.model = model
         self.cache = cache
         self.experts = experts
+        self.placement = experts.placement
+        self.overlap_min_tokens = overlap_min_tokens if overlap else None
+        self.profiler = StepProfiler(model) if profile else None
         self.scheduler = Scheduler(scheduler_config, cache)
         self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
         self.eos_token_ids = frozenset(eos_token_ids or config.eos_token_ids)
         self.sequences: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.steps = 0  # model forwards run by step(), and their accumulated wall time
-        self.step_seconds = 0.0
-        self.last_step_sequences = 0  # the batch of the last step() (for metrics)
-        self.last_step_tokens = 0
+        self.totals = StepTotals()
+        self.last_step: StepStats | None = None
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -93,37 +106,28 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def occupancy(self) -> Occupancy:
+        return Occupancy(len(self.scheduler.running), len(self.scheduler.waiting), self.cache.usage())
+
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        tokens, logits_rows, offset = [], [], 0
-        for seq, start, n, samples in zip(step.seqs, step.starts, step.lengths, step.samples, strict=True):
-            tokens.extend(seq.token_slice(start, start + n))
-            offset += n
-            if samples:
-                logits_rows.append(offset - 1)
-        device = self.cache.device
-        batch = self.cache.build(step.starts, step.lengths, [s.blocks for s in step.seqs])
+        cut = split_point(step.lengths, self.overlap_min_tokens) if self.overlap_min_tokens else None
+        ranges = [(0, len(step.seqs))] if cut is None else [(0, cut), (cut, len(step.seqs))]
+        micro = [self._micro_batch(step, lo, hi) for lo, hi in ranges]
+        self._forget_counters()
         started = time.perf_counter()
         try:
-            logits = self.model(
-                torch.tensor(tokens, dtype=torch.int64, device=device),
-                batch,
-                self.cache,
-                self.experts,
-                torch.tensor(logits_rows, dtype=torch.int64, device=device),
-            )
+            logits = torch.cat(self.model.forward_micro_batches(micro, self.cache, self.experts))
         except TransportError:
             # Some layers may have written this step's K/V, over sliding-window slots the retry still
             # needs: these sequences recompute their cache from prompt + output (same tokens result).
             for seq in step.seqs:
                 seq.num_computed = 0
             raise
-        self.step_seconds += time.perf_counter() - started
-        self.steps += 1
-        self.last_step_sequences, self.last_step_tokens = len(step.seqs), len(tokens)
+        self._record(step, len(micro), time.perf_counter() - started)
         for seq, n in zip(step.seqs, step.lengths, strict=True):
             seq.num_computed += n
         sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]
@@ -136,6 +140,38 @@ class EngineCore:
             self._append(seq, token, *logprobs.get(i, (None, None)))
             for i, (seq, token) in enumerate(zip(sampled, new_ids.tolist(), strict=True))
         ]
+
+    def _micro_batch(self, step: ScheduledStep, lo: int, hi: int) -> MicroBatch:
+        """Sequences lo..hi of the step, with their own attention batch and logits rows."""
+        tokens, logits_rows, offset = [], [], 0
+        for i in range(lo, hi):
+            seq, start, n = step.seqs[i], step.starts[i], step.lengths[i]
+            tokens.extend(seq.token_slice(start, start + n))
+            offset += n
+            if step.samples[i]:
+                logits_rows.append(offset - 1)
+        device = self.cache.device
+        batch = self.cache.build(
+            step.starts[lo:hi], step.lengths[lo:hi], [s.blocks for s in step.seqs[lo:hi]]
+        )
+        return MicroBatch(
+            torch.tensor(tokens, dtype=torch.int64, device=device),
+            batch,
+            torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        )
+
+    def _forget_counters(self) -> None:
+        """Drops what a failed step or prefill_logits left in the counters: not this step's work."""
+        self.experts.take_stats()
+        if self.profiler is not None:
+            self.profiler.take()
+
+    def _record(self, step: ScheduledStep, micro_batches: int, seconds: float) -> None:
+        detail = self.profiler.take() if self.profiler is not None else (0.0, 0.0, {})
+        self.last_step = StepStats(
+            len(step.seqs), sum(step.lengths), micro_batches, seconds, self.experts.take_stats(), *detail
+        )
+        self.totals.add(self.last_step)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, new_ids: torch.Tensor, seqs: list[Sequence]) -> dict[int, tuple]:

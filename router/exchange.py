@@ -1,26 +1,33 @@
-"""Dispatch and combine of routed tokens, both sides of the exchange.
+"""Dispatch and combine of routed tokens: the router's side of the exchange (router/expert_loop.py the other).
 
-Per MoE layer each token goes ONCE to every expert shard that owns at least one of its top-k experts,
-carrying its local expert ids and weights for that shard (-1 / 0 in unused slots). Rows are ordered
-by destination shard so that one `all_to_all` with split sizes moves them. A shard returns one partial
-sum per row; the router adds the partial sums per token.
+Per MoE layer and micro-batch each token goes ONCE to every expert rank that owns at least one of its
+top-k experts, carrying its local expert ids and weights for that rank (-1 / 0 in unused slots): one
+DISPATCH message per rank that has rows, none to a rank without, so the router knows whom to wait for.
+A rank answers with one COMBINE message, one partial sum per row; the router adds them per token.
+
+`dispatch` returns as soon as the messages are handed to the transport and `combine` waits for the
+answers, so the router computes something else in between (the shared expert, the other micro-batch).
+Combines must come in the order of their dispatches: each rank answers in the order it received.
 
 On the wire a row is [hidden | ids and weights as fp32, reinterpreted as the hidden dtype], so that
-the metadata travels in the same collective as the activations and is bit-exact in bf16 too.
+the metadata travels in the same message as the activations and is bit-exact in bf16 too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
 
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
-from router.transport import ROUTER_RANK, Op, Transport, header
+from router.errors import TransportError
+from router.transport import Op, Transport, head
 
 
 @dataclass
@@ -59,62 +66,69 @@ def row_width(hidden_size: int, top_k: int, dtype: torch.dtype) -> int:
 
 @dataclass
 class ExchangeStats:
-    """Accumulated over steps; read and reset by whoever reports metrics.
+    """The exchange's counters since the engine core last took them (`RoutedExperts.take_stats`)."""
 
-    The last three are recorded only while the routed experts' `detail` switch is on: the router's
-    time in attention blocks and in gates (timed by the model), and per MoE layer the (token, expert)
-    pairs routed to each expert, as a [num_experts] int64 tensor on the router's device.
-    """
-
+    messages: int = 0  # DISPATCH messages sent
     rows_sent: int = 0
     payload_bytes: int = 0  # activations only: rows x hidden x dtype size
     meta_bytes: int = 0
-    seconds: float = 0.0
-    attention_seconds: float = 0.0
-    gate_seconds: float = 0.0
-    expert_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    wait_seconds: float = 0.0  # blocked in combine: expert time the router's own work did not cover
 
-    def count_experts(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
-        counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
-        total = self.expert_tokens.get(layer)
-        self.expert_tokens[layer] = counts if total is None else total.add_(counts)
+    def add(self, other: ExchangeStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
-class ExpertStats:
-    """An expert rank's counters, accumulated over steps (see run_expert_loop)."""
+class Dispatched:
+    """One dispatched (MoE layer, micro-batch): whom to wait for, and where their partial sums go."""
 
-    steps: int = 0
-    rows: int = 0  # token rows received, over all MoE layers
-    compute_seconds: float = 0.0  # in the shard's expert forward
+    layer: int
+    tag: int
+    token_index: torch.Tensor
+    ranks: list[int]  # expert ranks that got rows, in row order
+    counts: list[int]  # rows each of them got
+    local: list[torch.Tensor] = field(default_factory=list)  # LocalExperts: the partial sums, per rank
 
 
 class RoutedExperts(Protocol):
-    """What the model calls for the routed part of a MoE layer (the shared expert is passed in)."""
+    """What the model calls for the routed part of a MoE layer."""
 
-    stats: ExchangeStats
-    detail: bool  # also time the model's phases and count tokens per expert (metrics)
+    placement: ExpertPlacement
 
-    def begin_step(self, num_tokens: int) -> None: ...
+    def dispatch(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tag: int = 0
+    ) -> Dispatched: ...
+
+    def combine(self, sent: Dispatched, out: torch.Tensor) -> torch.Tensor:
+        """Adds each token's routed experts (weighted) into `out` and returns it."""
 
     def heartbeat(self) -> None:
         """Tells idle expert ranks the router is alive (no-op without a transport)."""
 
-    def __call__(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        ids: torch.Tensor,
-        weights: torch.Tensor,
-        shared: Callable[[], torch.Tensor],
-    ) -> torch.Tensor:
-        """Returns shared(hidden) + the weighted sum of each token's routed experts."""
+    def take_stats(self) -> ExchangeStats:
+        """The counters since the last call, which starts new ones."""
 
 
-class CollectiveExperts:
-    """Router side of the exchange over a Transport; expert ranks run `serve_expert_step`."""
+def _account(stats: ExchangeStats, rows: int, hidden: torch.Tensor, width: int) -> None:
+    item = hidden.dtype.itemsize
+    stats.rows_sent += rows
+    stats.payload_bytes += rows * hidden.shape[1] * item
+    stats.meta_bytes += rows * (width - hidden.shape[1]) * item
 
-    def __init__(self, transport: Transport, placement: ExpertPlacement, top_k: int) -> None:
+
+class TransportExperts:
+    """The router's side over a Transport; expert ranks run router.expert_loop.run_expert_loop.
+
+    On a GPU the messages go on a stream of their own, so that the router's kernels (the shared
+    expert, the other micro-batch's attention) are not queued behind a combine still in flight.
+    A rank that got no rows for `keepalive_s` while others did gets a HEARTBEAT, so that its receive
+    does not time out while the router is busy.
+    """
+
+    def __init__(
+        self, transport: Transport, placement: ExpertPlacement, top_k: int, keepalive_s: float = 10.0
+    ) -> None:
         if transport.world_size != placement.num_shards + 1:
             raise ValueError(
                 f"transport has {transport.world_size} ranks, placement needs {placement.num_shards + 1}"
@@ -123,137 +137,144 @@ class CollectiveExperts:
         self.placement = placement
         self.top_k = top_k
         self.stats = ExchangeStats()
-        self.detail = False
-        self._step = 0
-        self._side_stream: torch.cuda.Stream | None = None
+        self.keepalive_s = keepalive_s
+        self._in_flight: deque[Dispatched] = deque()
+        self._comm_stream: torch.cuda.Stream | None = None
+        self._last_sent = [time.monotonic()] * transport.world_size
 
-    def begin_step(self, num_tokens: int) -> None:
-        self._step += 1
-        self.transport.broadcast_header(header(Op.FORWARD, num_tokens, self._step))
+    def reconnect(self, transport: Transport) -> None:
+        """A re-formed group: what was in flight on the old one is lost (the step is re-run)."""
+        self.transport = transport
+        self._in_flight.clear()
+        self._last_sent = [time.monotonic()] * transport.world_size
 
-    def stop(self) -> None:
-        self.transport.broadcast_header(header(Op.STOP))
+    def take_stats(self) -> ExchangeStats:
+        stats, self.stats = self.stats, ExchangeStats()
+        return stats
 
-    def heartbeat(self) -> None:
-        self.transport.broadcast_header(header(Op.HEARTBEAT))
-
-    def _beside_the_exchange(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """On a GPU, runs `compute` on a side stream so it overlaps the collectives on the main one."""
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream()
-        self._side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._side_stream):
-            return compute()
-
-    def __call__(self, layer, hidden, ids, weights, shared):
-        start = time.perf_counter()
-        world = self.transport.world_size
+    def dispatch(self, layer, hidden, ids, weights, tag=0):
         plan = plan_dispatch(ids, weights, self.placement)
-        if self.detail:
-            self.stats.count_experts(layer, ids, self.placement.num_experts)
-        splits = [0, *plan.shard_counts]
-        counts = torch.tensor(splits, dtype=torch.int64, device=hidden.device).view(world, 1)
-        self.transport.all_to_all(counts, [1] * world, [1] * world).wait()
         payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
-        self.transport.all_to_all(payload, splits, [0] * world).wait()
-        combine = self.transport.all_to_all(hidden.new_empty(0, hidden.shape[1]), [0] * world, splits)
-        dispatched = time.perf_counter()
-        out = self._beside_the_exchange(shared) if hidden.is_cuda else shared()
-        overlapped = time.perf_counter() - dispatched
-        partial = combine.wait()
-        if hidden.is_cuda:
-            torch.cuda.current_stream().wait_stream(self._side_stream)
-        out.index_add_(0, plan.token_index, partial)
-        rows = plan.token_index.numel()
-        self.stats.rows_sent += rows
-        self.stats.payload_bytes += rows * hidden.shape[1] * hidden.dtype.itemsize
-        self.stats.meta_bytes += rows * (payload.shape[1] - hidden.shape[1]) * hidden.dtype.itemsize
-        self.stats.seconds += time.perf_counter() - start - overlapped
+        ranks, counts, start, now = [], [], 0, time.monotonic()
+        with self._comm(hidden, wait_for_main=True):
+            for rank, count in enumerate(plan.shard_counts, start=1):
+                if count:
+                    self.transport.send(
+                        rank, head(Op.DISPATCH, layer, count, tag), payload[start : start + count]
+                    )
+                    ranks.append(rank)
+                    counts.append(count)
+                    start += count
+                elif now - self._last_sent[rank] > self.keepalive_s:
+                    self.transport.send(rank, head(Op.HEARTBEAT))
+                else:
+                    continue
+                self._last_sent[rank] = now
+            if payload.is_cuda:
+                payload.record_stream(torch.cuda.current_stream())
+        self.stats.messages += len(ranks)
+        _account(self.stats, start, hidden, payload.shape[1])
+        sent = Dispatched(layer, tag, plan.token_index, ranks, counts)
+        self._in_flight.append(sent)
+        return sent
+
+    def combine(self, sent, out):
+        if not self._in_flight or self._in_flight[0] is not sent:
+            raise RuntimeError("combine called out of dispatch order")
+        self._in_flight.popleft()
+        started = time.perf_counter()
+        answers = []
+        with self._comm(out, wait_for_main=False):
+            for rank, count in zip(sent.ranks, sent.counts, strict=True):
+                got, rows = self.transport.recv(rank, out.shape[1], out.dtype)
+                if got != head(Op.COMBINE, sent.layer, count, sent.tag):
+                    raise TransportError(
+                        f"rank {rank} answered {got}, expected COMBINE of MoE layer {sent.layer}, "
+                        f"{count} rows, micro-batch {sent.tag}"
+                    )
+                answers.append(rows)  # each from another rank: still valid (Transport.recv)
+        if out.is_cuda:
+            main = torch.cuda.current_stream()
+            main.wait_stream(self._comm_stream)
+            for rows in answers:
+                rows.record_stream(main)
+        self.stats.wait_seconds += time.perf_counter() - started
+        start = 0
+        for count, rows in zip(sent.counts, answers, strict=True):
+            out.index_add_(0, sent.token_index[start : start + count], rows)
+            start += count
         return out
 
+    @contextlib.contextmanager
+    def _comm(self, tensor: torch.Tensor, wait_for_main: bool) -> Iterator[None]:
+        """On a GPU, runs the enclosed transport calls on the exchange's stream; a dispatch's sends
+        first wait for the kernels that produced their payload."""
+        if not tensor.is_cuda:
+            yield
+            return
+        if self._comm_stream is None:
+            self._comm_stream = torch.cuda.Stream(tensor.device)
+        if wait_for_main:
+            self._comm_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._comm_stream):
+            yield
 
-def serve_expert_step(
-    transport: Transport, shard: ExpertShard, top_k: int, dtype: torch.dtype, stats: ExpertStats | None = None
-) -> None:
-    """One forward step on an expert rank: every MoE layer's counts, dispatch, compute, combine.
+    def _broadcast(self, op: Op) -> None:
+        for rank in range(1, self.transport.world_size):
+            self.transport.send(rank, head(op))
+            self._last_sent[rank] = time.monotonic()
 
-    With `stats`, also counts the rows received and times the expert compute.
-    """
-    world = transport.world_size
-    width = row_width(shard.hidden_size, top_k, dtype)
-    for layer in range(shard.num_layers):
-        zeros = torch.zeros(world, 1, dtype=torch.int64, device=transport.device)
-        counts = transport.all_to_all(zeros, [1] * world, [1] * world).wait()
-        rows_in = int(counts[ROUTER_RANK])
-        from_router = [0] * world
-        from_router[ROUTER_RANK] = rows_in
-        empty = torch.empty(0, width, dtype=dtype, device=transport.device)
-        rows = transport.all_to_all(empty, [0] * world, from_router).wait()
-        hidden, local_ids, weights = unpack_rows(rows, shard.hidden_size, top_k)
-        started = time.perf_counter()
-        out = shard.forward(layer, hidden, local_ids, weights)
-        if stats is not None:
-            stats.compute_seconds += time.perf_counter() - started
-            stats.rows += rows_in
-        transport.all_to_all(out, from_router, [0] * world).wait()
+    def heartbeat(self) -> None:
+        self._broadcast(Op.HEARTBEAT)
 
+    def stop(self) -> None:
+        self._broadcast(Op.STOP)
 
-def run_expert_loop(
-    transport: Transport,
-    shard: ExpertShard,
-    top_k: int,
-    dtype: torch.dtype,
-    on_step: Callable[[ExpertStats], None] | None = None,
-) -> int:
-    """The expert rank's SPMD loop: wait for a step header, serve it, until STOP. Returns steps served.
-
-    With `on_step`, the rank's counters are kept and passed to it after every step (metrics).
-    """
-    stats = ExpertStats()
-    while True:
-        op = Op(int(transport.broadcast_header(None)[0]))
-        if op == Op.STOP:
-            return stats.steps
-        if op == Op.HEARTBEAT:
-            continue
-        serve_expert_step(transport, shard, top_k, dtype, stats if on_step else None)
-        stats.steps += 1
-        if on_step:
-            on_step(stats)
+    def release(self) -> None:
+        """Best effort, before a broken group is dropped: STOP to every rank that still listens, so that
+        the live ranks' loops end now rather than at their receive timeout (their actors are reused).
+        Their peers are only the router: unlike a collective, no dead peer would wake them."""
+        for rank in range(1, self.transport.world_size):
+            with contextlib.suppress(TransportError):
+                self.transport.send(rank, head(Op.STOP))
 
 
 class LocalExperts:
     """All shards in the router's own process: the same plan and compute with no transport.
 
-    For single-process use and tests; a cluster uses CollectiveExperts.
+    For single-process use and tests; a cluster uses TransportExperts.
     """
 
     def __init__(self, shards: list[ExpertShard], placement: ExpertPlacement) -> None:
         self.shards = shards
         self.placement = placement
         self.stats = ExchangeStats()
-        self.detail = False
 
-    def begin_step(self, num_tokens: int) -> None:
-        return None
+    def take_stats(self) -> ExchangeStats:
+        stats, self.stats = self.stats, ExchangeStats()
+        return stats
 
     def heartbeat(self) -> None:
         return None
 
-    def __call__(self, layer, hidden, ids, weights, shared):
+    def dispatch(self, layer, hidden, ids, weights, tag=0):
         plan = plan_dispatch(ids, weights, self.placement)
-        if self.detail:
-            self.stats.count_experts(layer, ids, self.placement.num_experts)
-        out = shared()
+        sent = Dispatched(layer, tag, plan.token_index, [], [])
         start = 0
-        for shard, count in zip(self.shards, plan.shard_counts, strict=True):
-            rows = plan.token_index[start : start + count]
-            part = shard.forward(
-                layer,
-                hidden[rows],
-                plan.local_ids[start : start + count],
-                plan.weights[start : start + count],
-            )
-            out.index_add_(0, rows, part)
+        for rank, (shard, count) in enumerate(zip(self.shards, plan.shard_counts, strict=True), start=1):
+            if count:
+                end = start + count
+                rows = plan.token_index[start:end]
+                part = shard.forward(layer, hidden[rows], plan.local_ids[start:end], plan.weights[start:end])
+                sent.ranks.append(rank)
+                sent.counts.append(count)
+                sent.local.append(part)
+                start = end
+        return sent
+
+    def combine(self, sent, out):
+        start = 0
+        for count, part in zip(sent.counts, sent.local, strict=True):
+            out.index_add_(0, sent.token_index[start : start + count], part)
             start += count
         return out

@@ -2,12 +2,13 @@
 
 Parameter names mirror the Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`, ...), so
 loading is a name-for-name copy. Tokens of all sequences in a step are one flat [T, hidden] tensor;
-only attention pads, per part of the step (see kv_cache.AttentionBatch).
+only attention pads, per part of the step (see kv_cache.AttentionBatch). A step may run as two
+micro-batches whose passes take turns at every MoE layer (router/micro_batch.py); the layers are
+generators for that, yielding once per MoE layer between dispatch and combine. Timing is not done
+here: whoever wants it hooks the Attention and MoEGate modules (router/step_stats.py).
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from router.config import ModelConfig
 from router.exchange import RoutedExperts
 from router.gating import GATING
 from router.kv_cache import AttentionBatch, KVCache
+from router.micro_batch import MicroBatch, Pass, interleave
 
 
 class RMSNorm(nn.Module):
@@ -123,9 +125,17 @@ class Attention(nn.Module):
 
 
 class MoEGate(nn.Module):
-    def __init__(self, hidden: int, num_experts: int) -> None:
+    """Top-k expert ids and fp32 weights per token (a module, so that hooks can time and count it)."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+        self.gating = GATING[config.gating]
+        self.top_k, self.route_scale = config.num_experts_per_tok, config.route_scale
+
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.gate.weight)
+        return self.gating(logits, expert_bias, self.top_k, self.route_scale)
 
 
 class MoEBlock(nn.Module):
@@ -134,25 +144,18 @@ class MoEBlock(nn.Module):
     def __init__(self, config: ModelConfig, moe_index: int) -> None:
         super().__init__()
         self.moe_index = moe_index
-        self.top_k = config.num_experts_per_tok
-        self.route_scale = config.route_scale
-        self.gating = GATING[config.gating]
-        self.router = MoEGate(config.hidden_size, config.num_experts)
+        self.router = MoEGate(config)
         self.expert_bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32))
         shared = config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 
-    def forward(self, x: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
-        started = time.perf_counter()
-        logits = F.linear(x.float(), self.router.gate.weight)
-        ids, weights = self.gating(logits, self.expert_bias, self.top_k, self.route_scale)
-        if experts.detail:
-            experts.stats.gate_seconds += time.perf_counter() - started
-
-        def shared() -> torch.Tensor:
-            return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
-
-        return experts(self.moe_index, x, ids, weights, shared)
+    def run(self, x: torch.Tensor, experts: RoutedExperts, tag: int) -> Pass:
+        """Dispatches, computes the shared expert while the expert ranks work, yields, then combines."""
+        ids, weights = self.router(x, self.expert_bias)
+        sent = experts.dispatch(self.moe_index, x, ids, weights, tag)
+        out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+        yield
+        return experts.combine(sent, out)
 
 
 class DecoderLayer(nn.Module):
@@ -171,13 +174,10 @@ class DecoderLayer(nn.Module):
             else MLP(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x, rope, cache: KVCache, batch: AttentionBatch, experts: RoutedExperts):
-        started = time.perf_counter()
+    def run(self, x, rope, cache: KVCache, batch: AttentionBatch, experts: RoutedExperts, tag: int) -> Pass:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, batch))
-        if experts.detail:  # host time: on CUDA the kernels may still be running (see README, Observability)
-            experts.stats.attention_seconds += time.perf_counter() - started
         h = self.pre_mlp_layernorm(x)
-        h = self.mlp(h, experts) if self.is_moe else self.mlp(h)
+        h = (yield from self.mlp.run(h, experts, tag)) if self.is_moe else self.mlp(h)
         return x + self.post_mlp_layernorm(h)
 
 
@@ -215,13 +215,21 @@ class AfmoeRouterModel(nn.Module):
         logits_index: torch.Tensor,
     ) -> torch.Tensor:
         """The step's flat tokens through every layer; fp32 logits of the rows in logits_index."""
-        x = self.model.embed_tokens(token_ids)
+        return self.forward_micro_batches([MicroBatch(token_ids, batch, logits_index)], cache, experts)[0]
+
+    def forward_micro_batches(
+        self, micro_batches: list[MicroBatch], cache: KVCache, experts: RoutedExperts
+    ) -> list[torch.Tensor]:
+        """Each micro-batch's logits; their passes take turns at every MoE layer."""
+        return interleave([self._pass(mb, tag, cache, experts) for tag, mb in enumerate(micro_batches)])
+
+    def _pass(self, mb: MicroBatch, tag: int, cache: KVCache, experts: RoutedExperts) -> Pass:
+        x = self.model.embed_tokens(mb.token_ids)
         if self.config.mup_enabled:
             x = x * (self.config.hidden_size**0.5)
-        rope = self.rope(batch.positions, x.dtype)
-        experts.begin_step(token_ids.numel())
+        rope = self.rope(mb.batch.positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, cache, batch, experts)
-        x = self.model.norm(x[logits_index])
+            x = yield from layer.run(x, rope, cache, mb.batch, experts, tag)
+        x = self.model.norm(x[mb.logits_index])
         head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         return F.linear(x, head).float()

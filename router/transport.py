@@ -1,8 +1,10 @@
-"""The data-plane protocol the router and expert ranks speak; `cluster` implements it (gloo, NCCL).
+"""The data-plane protocol the router and expert ranks speak; `cluster` implements it (shm, gloo, NCCL).
 
-Rank 0 is the router; ranks 1..N are expert shards 0..N-1. Every rank takes part in every
-collective: a step starts with a header broadcast from the router, then each MoE layer is one
-counts exchange, one dispatch and one combine `all_to_all`.
+Rank 0 is the router; ranks 1..N are expert shards 0..N-1. Traffic is point to point and only between
+the router and each expert rank. A message is a head of HEAD_LEN ints and, when head[ROWS] > 0, that
+many payload rows; messages between two ranks arrive in the order they were sent. There is no step
+header and no counts collective: a dispatch message's head carries its own row count and layer, so per
+MoE layer and micro-batch each direction is one message per expert rank that has rows to compute.
 """
 
 from __future__ import annotations
@@ -13,17 +15,16 @@ from typing import Protocol
 import torch
 
 ROUTER_RANK = 0
-HEADER_LEN = 4
+HEAD_LEN = 4
+# Head fields.
+OP, LAYER, ROWS, TAG = range(HEAD_LEN)
 
 
 class Op(IntEnum):
-    STOP = 0
-    FORWARD = 1
-    HEARTBEAT = 2  # sent while idle, so expert ranks waiting for a header never hit the collective timeout
-
-
-class PendingTensor(Protocol):
-    def wait(self) -> torch.Tensor: ...
+    STOP = 0  # the expert loop ends
+    DISPATCH = 1  # router -> expert: rows of one MoE layer (head[LAYER]) for one micro-batch (head[TAG])
+    COMBINE = 2  # expert -> router: one partial sum per dispatched row, same LAYER and TAG
+    HEARTBEAT = 3  # sent while idle, so expert ranks waiting for work never hit the timeout
 
 
 class Transport(Protocol):
@@ -31,17 +32,22 @@ class Transport(Protocol):
     world_size: int
     device: torch.device
 
-    def broadcast_header(self, header: torch.Tensor | None) -> torch.Tensor:
-        """Router passes an int64 [HEADER_LEN] tensor; the other ranks pass None and receive it."""
+    def send(self, dst: int, head: list[int], payload: torch.Tensor | None = None) -> None:
+        """Sends one message to `dst`: `head` (HEAD_LEN ints, head[ROWS] = payload rows) and `payload`.
 
-    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> PendingTensor:
-        """Rows of `send` go to ranks by `send_splits`; the result holds `recv_splits` rows per rank.
+        Returns without waiting for the peer to read it. The caller must not modify `payload` afterwards
+        (an asynchronous transport may still be reading it).
+        """
 
-        Returns at once; `wait()` yields the received rows, so the caller can overlap compute.
+    def recv(self, src: int, width: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+        """The next message from `src`: its head and its payload as [head[ROWS], width] of `dtype`.
+
+        The payload may be a view of the transport's own buffer, valid until the next recv from `src`.
+        Raises TransportError when `src` is dead or nothing arrives within the transport's timeout.
         """
 
     def close(self) -> None: ...
 
 
-def header(op: Op, num_tokens: int = 0, step: int = 0) -> torch.Tensor:
-    return torch.tensor([int(op), num_tokens, step, 0], dtype=torch.int64)
+def head(op: Op, layer: int = 0, rows: int = 0, tag: int = 0) -> list[int]:
+    return [int(op), layer, rows, tag]

@@ -1,11 +1,15 @@
 """Dispatch plan, expert-side compute and the dispatch/combine exchange, all in one process.
 
-The collective tests run the real gloo transport: the router (rank 0) in the test's thread and every
-expert rank in a thread of its own, each with its own process group on loopback.
+The transport tests run the real gloo transport: the router (rank 0) in the test's thread and every
+expert rank's loop (router/expert_loop.py) in a thread of its own, each with its own process group on
+loopback.
 """
+
+from __future__ import annotations
 
 import socket
 import threading
+import time
 import types
 
 import pytest
@@ -15,15 +19,16 @@ import torch.nn.functional as F
 from cluster.transport.gloo import GlooTransport
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
+from router.errors import TransportError
 from router.exchange import (
-    CollectiveExperts,
     LocalExperts,
+    TransportExperts,
     pack_rows,
     plan_dispatch,
     row_width,
-    run_expert_loop,
     unpack_rows,
 )
+from router.expert_loop import run_expert_loop
 
 HIDDEN = 16
 INTER = 8
@@ -218,7 +223,7 @@ def test_local_experts_equal_dense_reference(num_shards: int, strategy: str) -> 
     for name, ids, weights in _edge_routings(placement, k, gen):
         for layer in range(NUM_LAYERS):
             hidden = torch.randn(ids.shape[0], HIDDEN, generator=gen)
-            out = local(layer, hidden, ids, weights, lambda h=hidden: _shared(h))
+            out = local.combine(local.dispatch(layer, hidden, ids, weights), _shared(hidden))
             ref = _dense_reference(layer, hidden, ids, weights, gate_up, down)
             torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=f"{name}, layer {layer}")
 
@@ -233,7 +238,7 @@ def test_idle_shard_routing_really_leaves_a_shard_without_rows() -> None:
     assert not (ids == placement.experts_of(0)[0]).any()
 
 
-# ---------------------------------------------------------------------------------------------- collective
+# ---------------------------------------------------------------------------------------------- transport
 
 
 def _free_port() -> int:
@@ -258,6 +263,59 @@ def _step_routings(placement: ExpertPlacement, k: int, gen: torch.Generator):
     return steps
 
 
+class ExpertGroup:
+    """A router transport in this thread and one expert loop thread per shard, over gloo on loopback."""
+
+    def __init__(self, shards: list[ExpertShard], k: int, dtype: torch.dtype, timeout_s: float = 15) -> None:
+        address = f"127.0.0.1:{_free_port()}"
+        self.world = len(shards) + 1
+        self.served: dict[int, int] = {}
+        self.errors: list[BaseException] = []
+        self.threads = [
+            threading.Thread(
+                target=self._rank, args=(address, r, shards[r - 1], k, dtype, timeout_s), daemon=True
+            )
+            for r in range(1, self.world)
+        ]
+        for thread in self.threads:
+            thread.start()
+        self.router = GlooTransport(address, 0, self.world, timeout_s=timeout_s)
+
+    def _rank(self, address, rank, shard, k, dtype, timeout_s) -> None:
+        try:
+            transport = GlooTransport(address, rank, self.world, timeout_s=timeout_s)
+            try:
+                self.served[rank] = run_expert_loop(transport, shard, k, dtype)
+            finally:
+                transport.close()
+        except BaseException as err:
+            self.errors.append(err)
+
+    def __enter__(self) -> ExpertGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()
+
+    def join(self) -> None:
+        """After STOP (or, if the test failed first, the ranks' timeout): the router closes last, as
+        its sends are asynchronous and the ranks must have received them."""
+        for thread in self.threads:
+            thread.join(timeout=60)
+        self.router.close()
+        assert not any(t.is_alive() for t in self.threads)
+
+
+def _fp32_group(
+    num_experts: int, num_shards: int, k: int, seed: int, timeout_s: float = 15, strategy: str = "contiguous"
+) -> tuple[ExpertPlacement, torch.Generator, list[ExpertShard], ExpertGroup]:
+    gen = torch.Generator().manual_seed(seed)
+    placement = ExpertPlacement(num_experts, num_shards, strategy)
+    gate_up, down = _experts(num_experts, gen)
+    shards = _shards(placement, gate_up, down, torch.float32)
+    return placement, gen, shards, ExpertGroup(shards, k, torch.float32, timeout_s)
+
+
 @pytest.mark.parametrize(
     ("num_experts", "num_shards", "strategy", "dtype"),
     [
@@ -268,7 +326,7 @@ def _step_routings(placement: ExpertPlacement, k: int, gen: torch.Generator):
         (8, 4, "contiguous", torch.float32),
     ],
 )
-def test_collective_experts_over_gloo_equal_local_experts(
+def test_transport_experts_over_gloo_equal_local_experts(
     num_experts: int, num_shards: int, strategy: str, dtype: torch.dtype
 ) -> None:
     k = 3
@@ -279,61 +337,136 @@ def test_collective_experts_over_gloo_equal_local_experts(
     local = LocalExperts(shards, placement)
     steps = _step_routings(placement, k, gen)
     inputs = [[torch.randn(ids.shape[0], HIDDEN, generator=gen).to(dtype) for ids, _ in s] for s in steps]
+    expected_messages = {r: 0 for r in range(1, num_shards + 1)}
 
-    address = f"127.0.0.1:{_free_port()}"
-    world = num_shards + 1
-    served: dict[int, int] = {}
-    errors: list[BaseException] = []
-
-    def expert_rank(rank: int) -> None:
-        try:
-            transport = GlooTransport(address, rank, world, timeout_s=15)
-            try:
-                served[rank] = run_expert_loop(transport, shards[rank - 1], k, dtype)
-            finally:
-                transport.close()
-        except BaseException as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=expert_rank, args=(r,), daemon=True) for r in range(1, world)]
-    for thread in threads:
-        thread.start()
-    router = GlooTransport(address, 0, world, timeout_s=15)
-    try:
-        collective = CollectiveExperts(router, placement, k)
+    group = ExpertGroup(shards, k, dtype)
+    with group:
+        remote = TransportExperts(group.router, placement, k)
         for step, step_inputs in zip(steps, inputs, strict=True):
-            collective.begin_step(step[0][0].shape[0])
             for layer, ((ids, weights), hidden) in enumerate(zip(step, step_inputs, strict=True)):
-                before = collective.stats.payload_bytes, collective.stats.meta_bytes
-                got = collective(layer, hidden, ids, weights, lambda h=hidden: _shared(h))
+                before = remote.stats.payload_bytes, remote.stats.meta_bytes
+                got = remote.combine(remote.dispatch(layer, hidden, ids, weights), _shared(hidden))
                 rows = sum(_distinct_shards(ids, placement))
                 # bytes per MoE layer: each token once per distinct destination shard
-                assert collective.stats.payload_bytes - before[0] == rows * HIDDEN * dtype.itemsize
-                assert collective.stats.meta_bytes - before[1] == rows * 2 * k * 4
-                want = local(layer, hidden, ids, weights, lambda h=hidden: _shared(h))
+                assert remote.stats.payload_bytes - before[0] == rows * HIDDEN * dtype.itemsize
+                assert remote.stats.meta_bytes - before[1] == rows * 2 * k * 4
+                want = local.combine(local.dispatch(layer, hidden, ids, weights), _shared(hidden))
                 assert got.dtype == dtype
-                # fp32: the same numbers; bf16: the router sums a token's partial sums in one index_add_,
-                # LocalExperts in one per shard, which rounds differently within bf16 precision
                 tol = {"atol": 1e-6, "rtol": 0} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
                 torch.testing.assert_close(got, want, **tol, msg=f"layer {layer}")
-        collective.stop()
-    finally:
-        router.close()
-        for thread in threads:
-            thread.join(timeout=60)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads)
-    assert served == {r: len(steps) for r in range(1, world)}
+                for shard in {int(placement.shard_of[e]) for e in ids.flatten()}:
+                    expected_messages[shard + 1] += 1
+            remote.heartbeat()  # between steps, as the idle engine loop does: not a dispatch
+        remote.stop()
+    assert not group.errors, group.errors
+    # a rank hears only of the (layer) dispatches that have rows for it: idle ranks got no message
+    assert group.served == expected_messages
+    assert remote.stats.messages == sum(expected_messages.values())
 
     pairs = [(ids, layer) for step in steps for layer, (ids, _) in enumerate(step)]
     rows = sum(sum(_distinct_shards(ids, placement)) for ids, _ in pairs)
-    assert collective.stats.rows_sent == rows
-    assert collective.stats.payload_bytes == rows * HIDDEN * dtype.itemsize
-    assert collective.stats.meta_bytes == rows * 2 * k * 4
-    assert collective.stats.seconds > 0
+    assert remote.stats.rows_sent == rows
+    assert remote.stats.payload_bytes == rows * HIDDEN * dtype.itemsize
+    assert remote.stats.meta_bytes == rows * 2 * k * 4
+    assert remote.stats.wait_seconds > 0
 
 
-def test_collective_experts_checks_the_world_size() -> None:
+def test_two_micro_batches_interleave_on_the_expert_ranks() -> None:
+    """Dispatch A, dispatch B, then combine A, combine B, layer after layer: each answer is its own
+    micro-batch's, with A's and B's rows in flight on every rank at once."""
+    num_experts, k = 8, 2
+    placement, gen, shards, group = _fp32_group(num_experts, 2, k, seed=5, strategy="round_robin")
+    local = LocalExperts(shards, placement)
+    with group:
+        remote = TransportExperts(group.router, placement, k)
+        for layer in range(NUM_LAYERS):
+            batches = [
+                (*_routing(n, k, list(range(num_experts)), gen), torch.randn(n, HIDDEN, generator=gen))
+                for n in (5, 3)
+            ]
+            sent = [remote.dispatch(layer, h, ids, w, tag) for tag, (ids, w, h) in enumerate(batches)]
+            for (ids, w, h), handle in zip(batches, sent, strict=True):
+                want = local.combine(local.dispatch(layer, h, ids, w), _shared(h))
+                torch.testing.assert_close(remote.combine(handle, _shared(h)), want, atol=1e-6, rtol=0)
+        a = remote.dispatch(0, *_swap(batches[0]), 0)
+        b = remote.dispatch(0, *_swap(batches[1]), 1)
+        with pytest.raises(RuntimeError, match="out of dispatch order"):
+            remote.combine(b, torch.zeros(3, HIDDEN))
+        remote.combine(a, torch.zeros(5, HIDDEN))
+        remote.combine(b, torch.zeros(3, HIDDEN))
+        remote.stop()
+    assert not group.errors, group.errors
+
+
+def _swap(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    ids, weights, hidden = batch
+    return hidden, ids, weights
+
+
+def test_a_rank_that_owns_no_routed_expert_gets_no_message_and_the_router_does_not_wait() -> None:
+    """Every token routed to shard 0 for many layers: shard 1 hears nothing but STOP; a router that
+    waited for it would time out (the group's timeout is short)."""
+    k = 2
+    placement, gen, _, group = _fp32_group(6, 2, k, seed=9, timeout_s=3)
+    with group:
+        remote = TransportExperts(group.router, placement, k)
+        for layer in range(NUM_LAYERS):
+            ids, weights = _routing(4, k, placement.experts_of(0), gen)
+            hidden = torch.randn(4, HIDDEN, generator=gen)
+            sent = remote.dispatch(layer, hidden, ids, weights)
+            assert sent.ranks == [1]
+            remote.combine(sent, torch.zeros(4, HIDDEN))
+        remote.stop()
+    assert not group.errors, group.errors
+    assert group.served == {1: NUM_LAYERS, 2: 0}
+
+
+def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() -> None:
+    """The router keeps dispatching to rank 1 only, for longer than the ranks' 1 s timeout: rank 2 must
+    get HEARTBEATs meanwhile, or its receive times out and its loop fails."""
+    k = 1
+    placement, gen, _, group = _fp32_group(4, 2, k, seed=4, timeout_s=1)
+    with group:
+        remote = TransportExperts(group.router, placement, k, keepalive_s=0.2)
+        ids, weights = _routing(2, k, placement.experts_of(0), gen)
+        hidden = torch.randn(2, HIDDEN, generator=gen)
+        layers, deadline = 0, time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            remote.combine(remote.dispatch(0, hidden, ids, weights), torch.zeros(2, HIDDEN))
+            layers += 1
+        remote.stop()
+    assert not group.errors, group.errors
+    assert group.served == {1: layers, 2: 0}
+
+
+def test_release_ends_the_live_ranks_loops_at_once() -> None:
+    """What ModelInstance.rebuild does after a failure: the live ranks stop long before their 30 s timeout."""
+    placement, gen, _, group = _fp32_group(4, 2, 1, seed=3, timeout_s=30)
+    remote = TransportExperts(group.router, placement, 1)
+    ids, weights = _routing(2, 1, list(range(4)), gen)
+    remote.dispatch(0, torch.randn(2, HIDDEN, generator=gen), ids, weights)  # never combined
+    started = time.monotonic()
+    remote.release()
+    for thread in group.threads:
+        thread.join(timeout=10)
+    group.router.close()
+    assert time.monotonic() - started < 10
+    assert not group.errors, group.errors
+    assert sum(group.served.values()) == len({int(placement.shard_of[e]) for e in ids.flatten()})
+
+
+def test_a_dead_expert_rank_is_a_transport_error_on_the_router() -> None:
+    placement, gen, _, group = _fp32_group(4, 1, 2, seed=2, timeout_s=2)
+    with group:
+        remote = TransportExperts(group.router, placement, 2)
+        remote.stop()  # the rank's loop ends: nobody answers the next dispatch
+        ids, weights = _routing(3, 2, list(range(4)), gen)
+        sent = remote.dispatch(0, torch.randn(3, HIDDEN, generator=gen), ids, weights)
+        with pytest.raises(TransportError):
+            remote.combine(sent, torch.zeros(3, HIDDEN))
+
+
+def test_transport_experts_checks_the_world_size() -> None:
     placement = ExpertPlacement(8, 3)
     with pytest.raises(ValueError, match="placement needs 4"):
-        CollectiveExperts(types.SimpleNamespace(world_size=3), placement, 2)
+        TransportExperts(types.SimpleNamespace(world_size=3), placement, 2)

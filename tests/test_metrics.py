@@ -21,8 +21,9 @@ from cluster.metrics.experts import ExpertMetrics
 from cluster.serve import ingress, streaming
 from cluster.serve.protocol import OpenAIError
 from router.engine_core import EngineCore
-from router.exchange import ExchangeStats, ExpertStats
+from router.expert_loop import ExpertStats
 from router.sampling import SamplingParams
+from router.step_stats import StepTotals
 from tests.toolkit import local_core
 
 
@@ -104,14 +105,13 @@ def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_mode
     metrics = EngineMetrics(
         core, "demo", "inst-1", lambda: True, lambda: next(restarts), True, flush_interval_s=3600
     )
-    assert core.experts.detail
     prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [12, 13, 14], "c": list(range(20, 60))}
     run(core, metrics, prompts, new=6)
 
     assert len(recorded["moe_time_to_first_token_seconds"].points) == 3
     assert len(recorded["moe_e2e_request_latency_seconds"].points) == 3
     steps = len(recorded["moe_step_duration_seconds"].points)
-    assert steps == core.steps and steps >= 6
+    assert steps == core.totals.steps and steps >= 6
     assert 0 < len(recorded["moe_inter_token_latency_seconds"].points) < steps
     assert recorded["moe_generation_tokens"].total() == 3 * 6
     assert recorded["moe_prompt_tokens"].total() == sum(map(len, prompts.values()))
@@ -143,7 +143,7 @@ def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_mode
     assert recorded["moe_expert_restarts"].points[-1][0] >= 0
     for recorder in recorded.values():
         assert all(t["model"] == "demo" and t["model_instance"] == "inst-1" for _, t in recorder.points)
-    assert core.experts.stats.expert_tokens == {}  # consumed by the flush
+    assert metrics._pending.expert_tokens == {}  # consumed by the flush
 
 
 def test_per_layer_expert_series_only_behind_the_flag(recorded, demo_model):
@@ -154,13 +154,20 @@ def test_per_layer_expert_series_only_behind_the_flag(recorded, demo_model):
     assert recorded["moe_expert_tokens"].total() > 0
 
 
-def test_without_metrics_the_model_neither_times_phases_nor_counts_experts(demo_model):
-    core = local_core(demo_model)
+def test_without_profiling_the_steps_carry_no_phase_times_or_expert_counts(demo_model):
+    core = local_core(demo_model, profile=False)
     run(core, None, {"a": [5, 6, 7], "b": [8, 9]}, new=4)
-    stats = core.experts.stats
-    assert not core.experts.detail
+    stats = core.last_step
+    assert stats.sequences == 2 and stats.tokens == 2 and stats.forward_seconds > 0
     assert stats.attention_seconds == stats.gate_seconds == 0.0
     assert stats.expert_tokens == {}
+    profiled = local_core(demo_model)
+    run(profiled, None, {"a": [5, 6, 7], "b": [8, 9]}, new=4)
+    assert profiled.last_step.attention_seconds > 0 and profiled.last_step.gate_seconds > 0
+    pairs = 2 * profiled.config.num_experts_per_tok
+    assert [int(t.sum()) for t in profiled.last_step.expert_tokens.values()] == [pairs] * len(
+        profiled.config.moe_layers
+    )
 
 
 def test_dropped_requests_leave_nothing_behind(recorded, demo_model):
@@ -179,8 +186,7 @@ def test_a_reset_of_the_router_counters_does_not_go_negative(recorded, demo_mode
     core = local_core(demo_model)
     metrics = EngineMetrics(core, "demo", "i", lambda: True, lambda: 0, flush_interval_s=3600)
     run(core, metrics, {"a": [5, 6, 7]}, new=3)
-    core.steps, core.step_seconds = 0, 0.0  # what RouterActor.stats(reset=True) does
-    core.experts.stats = ExchangeStats()
+    core.totals = StepTotals()  # what RouterActor.stats(reset=True) does
     run(core, metrics, {"b": [5, 6, 7]}, new=3)
     assert all(value > 0 for value, _ in recorded["moe_step_phase_seconds"].points)
     assert recorded["moe_generation_tokens"].total() == 6
@@ -188,24 +194,15 @@ def test_a_reset_of_the_router_counters_does_not_go_negative(recorded, demo_mode
 
 def test_expert_metrics_flush_deltas_at_most_once_per_interval(recorded):
     expert = ExpertMetrics("inst", 3, flush_interval_s=3600)
-    stats = ExpertStats(steps=1, rows=10, compute_seconds=0.5)
-    expert.on_step(stats)
+    stats = ExpertStats(dispatches=1, rows=10, compute_seconds=0.5)
+    expert.on_dispatch(stats)
     stats.rows, stats.compute_seconds = 25, 0.75
-    expert.on_step(stats)  # within the interval: nothing new is exported
+    expert.on_dispatch(stats)  # within the interval: nothing new is exported
     assert recorded["moe_expert_rows"].points == [(10, {"model_instance": "inst", "shard": "3"})]
     expert._next_flush = 0.0
-    expert.on_step(stats)
+    expert.on_dispatch(stats)
     assert recorded["moe_expert_rows"].total() == 25
     assert recorded["moe_expert_compute_seconds"].total() == pytest.approx(0.75)
-
-
-def test_exchange_stats_count_routed_pairs_per_layer():
-    stats = ExchangeStats()
-    stats.count_experts(0, torch.tensor([[0, 2], [2, 3]]), 4)
-    stats.count_experts(0, torch.tensor([[2, 1]]), 4)
-    stats.count_experts(1, torch.tensor([[3, 3]]), 4)
-    assert stats.expert_tokens[0].tolist() == [1, 1, 3, 1]
-    assert stats.expert_tokens[1].tolist() == [0, 0, 0, 2]
 
 
 async def _drain(chunks: AsyncIterator[dict], close_after: int | None = None) -> None:

@@ -1,6 +1,7 @@
 """Same checkpoint, same tokens: the engine against transformers' AfmoeForCausalLM in fp32.
 
-Every config runs on a real Ray cluster with 1, 2 and 4 expert actors over gloo. The configs cover
+Every config runs on a real Ray cluster with 1, 2 and 4 expert actors over gloo, with two-batch overlap
+(the default) and, for 2 actors, without. The configs cover
 muP on/off, 0-2 dense layers, tied and untied embeddings, MHA / GQA / MQA, sliding windows shorter
 than the prompts, top-k 2-4, and expert counts (7, 9, 10) that no shard count divides.
 """
@@ -34,9 +35,9 @@ def references(checkpoints):
     return out
 
 
-@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize(("shards", "overlap"), [(1, True), (2, True), (4, True), (2, False)])
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_engine_matches_transformers(ray_cluster, checkpoints, references, name, shards):
+def test_engine_matches_transformers(ray_cluster, checkpoints, references, name, shards, overlap):
     ref_logits, ref_tokens = references[name]
     placement = "round_robin" if shards == 2 else "contiguous"
     with Engine(
@@ -45,13 +46,17 @@ def test_engine_matches_transformers(ray_cluster, checkpoints, references, name,
         placement=placement,
         router_cpus=0.5,
         expert_cpus=0.5,
-        max_num_batched_tokens=8,  # forces chunked prefill mixed with decodes
+        dtype="float32",
+        overlap=overlap,
+        max_num_batched_tokens=8,  # forces chunked prefill mixed with decodes (split into micro-batches)
     ) as engine:
         logits = engine.logits(PROMPTS[0])
         assert logits.shape == ref_logits.shape
         assert (logits - ref_logits).abs().max().item() < 1e-4
         completions = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        split_steps = engine.stats()["split_steps"]
     assert [c.token_ids for c in completions] == ref_tokens
+    assert (split_steps > 0) == overlap
     assert all(c.finish_reason == "length" for c in completions)
 
 
@@ -59,7 +64,9 @@ def test_rank_without_tokens(ray_cluster, checkpoints, references):
     """One token with top-2 routing on 4 shards: at least two expert ranks receive nothing."""
     name = "mha-tied-0dense-top2"
     model = AfmoeForCausalLM.from_pretrained(checkpoints[name], dtype=torch.float32).eval()
-    with Engine(checkpoints[name], expert_shards=4, router_cpus=0.5, expert_cpus=0.5) as engine:
+    with Engine(
+        checkpoints[name], expert_shards=4, router_cpus=0.5, expert_cpus=0.5, dtype="float32"
+    ) as engine:
         assert engine.generate([[42]], max_new_tokens=8, ignore_eos=True)[0].token_ids == hf_greedy(
             model, [42], 8
         )

@@ -72,8 +72,12 @@ def local_core(
     max_num_batched_tokens: int = 64,
     max_waiting: int = 16,
     dtype: torch.dtype = torch.float32,
+    profile: bool = True,
 ) -> EngineCore:
-    """The router's EngineCore over LocalExperts: every expert shard in this process, no Ray."""
+    """The router's EngineCore over LocalExperts: every expert shard in this process, no Ray.
+
+    `profile` also times attention and gates and counts tokens per expert (what metrics read).
+    """
     config = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
     cpu = torch.device("cpu")
@@ -86,7 +90,7 @@ def local_core(
     cache = KVCache(config, cache_bytes, max_num_seqs, 16, dtype, cpu)
     model = load_router_model(reader, config, dtype, cpu)
     scheduler = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_waiting)
-    return EngineCore(config, model, cache, experts, scheduler)
+    return EngineCore(config, model, cache, experts, scheduler, profile=profile)
 
 
 class StubCore:

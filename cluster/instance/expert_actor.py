@@ -1,7 +1,7 @@
 """An expert actor: one shard's experts of every MoE layer, serving the router over the data plane.
 
 Ray only carries control calls here (load, join the group, info); per-layer tensors go over the
-collective group the router and its expert actors form among themselves.
+data plane the router and its expert actors form among themselves (router/transport.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
-from router.exchange import run_expert_loop
+from router.expert_loop import run_expert_loop
 
 
 @ray.remote
@@ -46,7 +46,7 @@ class ExpertActor:
         }
 
     def run_expert_loop(self, rendezvous: str | tuple) -> int:
-        """Joins the group and runs the SPMD loop until the router says STOP; returns steps served."""
+        """Joins the group and serves the router until it says STOP; returns the dispatches served."""
         world = self.config.expert_shards + 1
         transport = open_transport(
             transport_kind(self.config),
@@ -56,7 +56,7 @@ class ExpertActor:
             self.config.collective_timeout_s,
         )
         try:
-            on_step = self.metrics.on_step if self.metrics else None
-            return run_expert_loop(transport, self.shard, self.top_k, self.dtype, on_step)
+            on_dispatch = self.metrics.on_dispatch if self.metrics else None
+            return run_expert_loop(transport, self.shard, self.top_k, self.dtype, on_dispatch)
         finally:
             transport.close()

@@ -31,7 +31,7 @@ from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from router.config import ModelConfig
 from router.engine_core import EngineCore, default_cache_bytes
-from router.exchange import CollectiveExperts
+from router.exchange import TransportExperts
 from router.kv_cache import KVCache
 from router.scheduler import SchedulerConfig
 from router.transport import ROUTER_RANK, Transport
@@ -64,13 +64,27 @@ class ModelInstance:
         ray.get([e.info.remote() for e in self.experts], timeout=config.ready_timeout_s)
         self.transport, self._serving = self._form_group()
         placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
-        experts = CollectiveExperts(self.transport, placement, self.model_config.num_experts_per_tok)
+        experts = TransportExperts(
+            self.transport,
+            placement,
+            self.model_config.num_experts_per_tok,
+            keepalive_s=config.collective_timeout_s / 4,
+        )
         tokenizer = self.prompts.tokenizer
         eos = tuple(tokenizer.eos_token_ids) if tokenizer else self.model_config.eos_token_ids
         scheduler = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, config.max_waiting
         )
-        self.core = EngineCore(self.model_config, model, cache, experts, scheduler, eos)
+        self.core = EngineCore(
+            self.model_config,
+            model,
+            cache,
+            experts,
+            scheduler,
+            eos,
+            overlap=config.overlap,
+            profile=config.metrics,
+        )
 
     def engine_loop(self) -> EngineLoop:
         """The continuous-batching loop over this instance, recovering through `rebuild`."""
@@ -105,6 +119,7 @@ class ModelInstance:
         stuck in the old group after a grace period, are replaced in their own bundle and reload their
         experts. The caller re-runs the interrupted step.
         """
+        self.core.experts.release()
         self.transport.close()
         grace = min(10.0, self.config.collective_timeout_s)
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=grace)
@@ -116,7 +131,7 @@ class ModelInstance:
             self.expert_restarts += 1
         ray.get([e.info.remote() for e in self.experts], timeout=self.config.ready_timeout_s)
         self.transport, self._serving = self._form_group()
-        self.core.experts.transport = self.transport
+        self.core.experts.reconnect(self.transport)
         self.generation += 1
 
     @staticmethod
@@ -158,7 +173,7 @@ class ModelInstance:
         }
 
     def shutdown(self) -> None:
-        """Ends the expert loops with a STOP header, then removes the expert actors."""
+        """Ends the expert loops with a STOP message, then removes the expert actors."""
         try:
             if self.experts_alive():
                 self.core.experts.stop()

@@ -15,8 +15,8 @@ from cluster.instance.prompts import Message, Prompt
 from cluster.options.engine import EngineConfig
 from router.engine_core import TokenEvent
 from router.errors import InvalidRequest
-from router.exchange import ExchangeStats
 from router.sampling import SamplingParams
+from router.step_stats import StepTotals
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,17 @@ class RouterActor:
     def stats(self, reset: bool = False) -> dict:
         """Step and exchange counters since start (or the last reset).
 
-        step_seconds is the wall time of the model forwards; exchange_seconds the part of it spent in
-        the routed-expert exchange (dispatch, expert compute, combine; not the overlapped shared expert).
+        step_seconds is the wall time of the model forwards; exchange_seconds the part of it the router
+        spent waiting for expert ranks' answers (what its own work, micro-batches included, did not cover).
         """
-        core, exchange = self.instance.core, self.instance.core.experts.stats
+        core = self.instance.core
+        totals, exchange = core.totals, core.totals.exchange
         out = {
-            "steps": core.steps,
-            "step_seconds": core.step_seconds,
-            "exchange_seconds": exchange.seconds,
+            "steps": totals.steps,
+            "split_steps": totals.split_steps,
+            "step_seconds": totals.forward_seconds,
+            "exchange_seconds": exchange.wait_seconds,
+            "messages": exchange.messages,
             "rows_sent": exchange.rows_sent,
             "payload_bytes": exchange.payload_bytes,
             "meta_bytes": exchange.meta_bytes,
@@ -129,8 +132,7 @@ class RouterActor:
             "expert_restarts": self.instance.expert_restarts,
         }
         if reset:
-            core.steps, core.step_seconds = 0, 0.0
-            core.experts.stats = ExchangeStats()
+            core.totals = StepTotals()
         return out
 
     def stop(self) -> None:

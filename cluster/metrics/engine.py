@@ -1,8 +1,9 @@
 """Operator metrics through Ray's metrics agent: every name here is exported as `ray_<name>`.
 
-The hot paths only add to plain counters (`router/` keeps them: EngineCore, ExchangeStats, ExpertStats)
-and this module turns those into Ray metrics, aggregated per engine step or per flush interval, never
-per token:
+The hot paths only add to plain counters (`router/` keeps them: the engine core's per-step StepStats, the
+expert loop's ExpertStats) and this module turns those into Ray metrics, aggregated per engine step or
+per flush interval, never per token. It reads what the engine core exposes (`last_step`, `occupancy()`,
+`placement`) and nothing behind it; whether steps carry timing detail is the core's own option.
 
 - per request (ingress): `moe_requests_total{status}`, the HTTP status each request ended with
   (499: the client went away mid-stream; an error reported inside a started stream counts as its code);
@@ -41,6 +42,27 @@ from cluster.metrics.common import (
     rank_imbalance,
 )
 from router.engine_core import EngineCore, TokenEvent
+from router.exchange import ExchangeStats
+from router.step_stats import StepStats
+
+
+class _Pending:
+    """Step stats summed since the last flush."""
+
+    def __init__(self) -> None:
+        self.forward = self.attention = self.gate = self.host = 0.0
+        self.exchange = ExchangeStats()
+        self.expert_tokens: dict[int, torch.Tensor] = {}
+
+    def add(self, step: StepStats, host_seconds: float) -> None:
+        self.forward += step.forward_seconds
+        self.attention += step.attention_seconds
+        self.gate += step.gate_seconds
+        self.host += host_seconds  # step time outside the model forward (schedule, batch, sample)
+        self.exchange.add(step.exchange)
+        for layer, tokens in step.expert_tokens.items():
+            total = self.expert_tokens.get(layer)
+            self.expert_tokens[layer] = tokens if total is None else total + tokens
 
 
 class EngineMetrics:
@@ -63,9 +85,7 @@ class EngineMetrics:
         self._experts_alive = experts_alive
         self._expert_restarts = expert_restarts
         self.flush_interval_s = flush_interval_s
-        placement = core.experts.placement
-        self._shard_of, self._num_shards = placement.shard_of, placement.num_shards
-        core.experts.detail = True
+        self._shard_of, self._num_shards = core.placement.shard_of, core.placement.num_shards
         tags = {"model": model, "model_instance": instance}
 
         def counter(name: str, doc: str, *keys: str) -> Counter:
@@ -133,13 +153,11 @@ class EngineMetrics:
         self._waiting_first: dict[str, tuple[float, int]] = {}  # request -> (arrival, prompt tokens)
         self._started: dict[str, float] = {}  # request with a first token -> arrival
         self._last_emit: float | None = None
-        self._steps_seen = core.steps
-        self._step_forward = Delta(core.step_seconds)
+        self._seen_step = core.last_step
         self._generated = 0
         self._prompt = 0
-        self._host_seconds = 0.0  # step time outside the model forward (schedule, batch, sample)
-        names = "generated prompt host forward attention gate exchange payload meta"
-        self._deltas = {name: Delta() for name in names.split()}
+        self._pending = _Pending()
+        self._deltas = {name: Delta() for name in ("generated", "prompt")}
         self._next_flush = 0.0
         self._gauges: dict[tuple, tuple[Gauge, float, dict[str, str] | None]] = {}
         self._gauges_lock = threading.Lock()
@@ -156,14 +174,13 @@ class EngineMetrics:
     def step_done(self, events: list[TokenEvent], started: float) -> None:
         """After each engine loop step; `started` is perf_counter() before core.step()."""
         now = time.perf_counter()
-        core = self.core
-        if core.steps != self._steps_seen:
-            forward = self._step_forward(core.step_seconds)
-            self._steps_seen = core.steps
+        step = self.core.last_step
+        if step is not None and step is not self._seen_step:
+            self._seen_step = step
             self.step_time.observe(now - started)
-            self.batch_sequences.observe(core.last_step_sequences)
-            self.batch_tokens.observe(core.last_step_tokens)
-            self._host_seconds += max(0.0, now - started - forward)
+            self.batch_sequences.observe(step.sequences)
+            self.batch_tokens.observe(step.tokens)
+            self._pending.add(step, max(0.0, now - started - step.forward_seconds))
         decoding = False
         for event in events:
             first = self._waiting_first.pop(event.request_id, None)
@@ -193,28 +210,27 @@ class EngineMetrics:
     def flush(self) -> None:
         """Counters and gauges from the accumulated plain counters; runs on the engine loop thread."""
         self._next_flush = time.perf_counter() + self.flush_interval_s
-        core, stats, d = self.core, self.core.experts.stats, self._deltas
-        scheduler = core.scheduler
-        self._set(self.running, len(scheduler.running))
-        self._set(self.waiting, len(scheduler.waiting))
-        self._set(self.kv_usage, core.cache.usage())
+        d, pending = self._deltas, self._pending
+        self._pending = _Pending()
+        occupancy = self.core.occupancy()
+        self._set(self.running, occupancy.running)
+        self._set(self.waiting, occupancy.waiting)
+        self._set(self.kv_usage, occupancy.kv_usage)
         self._inc(self.generation_tokens, d["generated"](self._generated))
         self._inc(self.prompt_tokens, d["prompt"](self._prompt))
-        attention, gate = d["attention"](stats.attention_seconds), d["gate"](stats.gate_seconds)
-        exchange, forward = d["exchange"](stats.seconds), d["forward"](core.step_seconds)
+        exchange = pending.exchange
         phases = {
-            "attention": attention,
-            "dense": max(0.0, forward - attention - gate - exchange),
-            "gate": gate,
-            "exchange": exchange,
-            "schedule_sample": d["host"](self._host_seconds),
+            "attention": pending.attention,
+            "dense": max(0.0, pending.forward - pending.attention - pending.gate - exchange.wait_seconds),
+            "gate": pending.gate,
+            "exchange": exchange.wait_seconds,
+            "schedule_sample": pending.host,
         }
         for phase, seconds in phases.items():
             self._inc(self.phase_seconds, seconds, {"phase": phase})
-        self._inc(self.exchange_bytes, d["payload"](stats.payload_bytes), {"kind": "payload"})
-        self._inc(self.exchange_bytes, d["meta"](stats.meta_bytes), {"kind": "meta"})
-        self._flush_experts(stats.expert_tokens)
-        stats.expert_tokens = {}
+        self._inc(self.exchange_bytes, exchange.payload_bytes, {"kind": "payload"})
+        self._inc(self.exchange_bytes, exchange.meta_bytes, {"kind": "meta"})
+        self._flush_experts(pending.expert_tokens)
         self._set(self.alive, 1.0 if self._experts_alive() else 0.0)
         self._set(self.restarts, self._expert_restarts())
 

@@ -1,4 +1,4 @@
-"""An expert actor's metrics: its compute time and rows, flushed from its loop's step callback."""
+"""An expert actor's metrics: its compute time and rows, flushed from its loop's callback."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import time
 from ray.util.metrics import Counter
 
 from cluster.metrics.common import EXPERT_TAGS, FLUSH_INTERVAL_S, Delta
-from router.exchange import ExpertStats
+from router.expert_loop import ExpertStats
 
 
 class ExpertMetrics:
-    """An expert actor's metrics: its compute time and rows, flushed from its loop's step callback."""
+    """An expert actor's metrics: its compute time and rows, flushed from its loop's callback."""
 
     def __init__(self, instance: str, shard: int, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         tags = {"model_instance": instance, "shard": str(shard)}
@@ -29,7 +29,7 @@ class ExpertMetrics:
         self._seconds, self._rows = Delta(), Delta()
         self._next_flush = 0.0
 
-    def on_step(self, stats: ExpertStats) -> None:
+    def on_dispatch(self, stats: ExpertStats) -> None:
         now = time.perf_counter()
         if now < self._next_flush:
             return

@@ -50,6 +50,12 @@ class EngineOptions(BaseModel):
         "PACK", description="placement group strategy of an instance's bundles"
     )
     ready_timeout_s: float = Field(300.0, gt=0, description="seconds for an instance to come up")
+    overlap: bool = Field(
+        False,
+        description="two-batch overlap: steps of 2+ sequences and 8+ tokens run as two micro-batches, the "
+        "router computing one while the expert actors compute the other; off by default: over gloo on a "
+        "2-core machine it measured slower (benchmarks/results/engine_vs_transformers.json)",
+    )
     metrics: bool = Field(True, description="export moe_* metrics through Ray's metrics agent")
     expert_layer_metrics: bool = Field(
         False, description="also a tokens series per (layer, expert): layers x experts series per instance"

@@ -1,4 +1,8 @@
-"""The data plane on CPUs: torch.distributed's gloo backend, one process group per engine generation."""
+"""The data plane between hosts: torch.distributed's gloo backend, point-to-point over TCP.
+
+One process group per engine generation. A message is two gloo sends on separate tags (the head, then
+the payload when it has rows); gloo keeps each (peer, tag) stream in order, so heads and payloads pair up.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,9 @@ import torch
 import torch.distributed as dist
 
 from router.errors import TransportError
-from router.transport import HEADER_LEN, ROUTER_RANK
+from router.transport import HEAD_LEN, ROUTER_RANK, ROWS
 
-
-class _Pending:
-    def __init__(self, work: dist.Work, out: torch.Tensor) -> None:
-        self._work, self._out = work, out
-
-    def wait(self) -> torch.Tensor:
-        try:
-            self._work.wait()
-        except RuntimeError as err:
-            raise TransportError(f"gloo all_to_all failed: {err}") from err
-        return self._out
+HEAD_TAG, PAYLOAD_TAG = 0, 1
 
 
 class GlooTransport:
@@ -29,32 +23,52 @@ class GlooTransport:
     def __init__(self, address: str, rank: int, world_size: int, timeout_s: float = 60.0) -> None:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cpu")
+        self._timeout = datetime.timedelta(seconds=timeout_s)
         host, port = address.rsplit(":", 1)
         store = dist.TCPStore(
-            host,
-            int(port),
-            world_size,
-            is_master=rank == ROUTER_RANK,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            host, int(port), world_size, is_master=rank == ROUTER_RANK, timeout=self._timeout
         )
-        self.group = dist.ProcessGroupGloo(store, rank, world_size, datetime.timedelta(seconds=timeout_s))
+        self.group = dist.ProcessGroupGloo(store, rank, world_size, self._timeout)
+        self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # kept alive until gloo has sent them
 
-    def broadcast_header(self, header: torch.Tensor | None) -> torch.Tensor:
-        buf = header if header is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)
-        opts = dist.BroadcastOptions()
-        opts.rootRank = ROUTER_RANK
+    def send(self, dst: int, head: list[int], payload: torch.Tensor | None = None) -> None:
+        self._reap()
+        head_tensor = torch.tensor(head, dtype=torch.int64)
         try:
-            self.group.broadcast([buf], opts).wait()
+            self._sending.append((self.group.send([head_tensor], dst, HEAD_TAG), head_tensor))
+            if head[ROWS] > 0:
+                assert payload is not None and payload.shape[0] == head[ROWS]
+                rows = payload.contiguous()
+                self._sending.append((self.group.send([rows], dst, PAYLOAD_TAG), rows))
         except RuntimeError as err:
-            raise TransportError(f"gloo header broadcast failed: {err}") from err
-        return buf
+            raise TransportError(f"gloo send to rank {dst} failed: {err}") from err
 
-    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> _Pending:
-        out = send.new_empty(sum(recv_splits), *send.shape[1:])
-        work = self.group.alltoall_base(
-            out, send.contiguous(), recv_splits, send_splits, dist.AllToAllOptions()
-        )
-        return _Pending(work, out)
+    def recv(self, src: int, width: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+        head_tensor = torch.empty(HEAD_LEN, dtype=torch.int64)
+        self._wait(self.group.recv([head_tensor], src, HEAD_TAG), src)
+        head = head_tensor.tolist()
+        payload = torch.empty(head[ROWS], width, dtype=dtype)
+        if head[ROWS] > 0:
+            self._wait(self.group.recv([payload], src, PAYLOAD_TAG), src)
+        return head, payload
+
+    def _wait(self, work: dist.Work, src: int) -> None:
+        try:
+            if not work.wait(self._timeout):
+                raise TransportError(f"gloo recv from rank {src} timed out")
+        except RuntimeError as err:
+            raise TransportError(f"gloo recv from rank {src} failed: {err}") from err
+
+    def _reap(self) -> None:
+        """Drops sends that completed, raising if one failed."""
+        pending = []
+        for work, tensor in self._sending:
+            if not work.is_completed():
+                pending.append((work, tensor))
+            elif not work.is_success():
+                raise TransportError(f"gloo send failed: {work.exception()}")
+        self._sending = pending
 
     def close(self) -> None:
+        self._sending = []
         self.group = None

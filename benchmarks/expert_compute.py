@@ -1,0 +1,94 @@
+"""One expert rank's compute, side by side: fp32 against bf16 weights, one GEMM chain per active expert
+against torch._grouped_mm, for decode-sized and prefill-sized batches (ExpertShard.forward as the expert
+loop calls it, one torch thread as an expert actor runs).
+
+Prints microseconds per call and the weight bytes per second it reads, against the memory read
+bandwidth measured in the same run; writes JSON.
+
+    python -m benchmarks.expert_compute [--json benchmarks/results/expert_compute.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.machine import machine_record, read_bandwidth
+from experts.shard import ExpertShard
+
+HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
+TOKENS = (1, 16, 64, 256)
+
+
+def shard(dtype: torch.dtype, grouped: bool, gen: torch.Generator) -> ExpertShard:
+    gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * 0.05
+    down = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.05
+    return ExpertShard([gate_up.to(dtype)], [down.to(dtype)], grouped=grouped)
+
+
+def time_forward(experts: ExpertShard, tokens: int, gen: torch.Generator, repeats: int) -> tuple[list, int]:
+    """Seconds per forward over `repeats` random routings; distinct experts touched (mean)."""
+    rows = torch.randn(tokens, HIDDEN, generator=gen).to(experts.gate_up[0].dtype)
+    times, touched = [], []
+    for _ in range(repeats):
+        ids = torch.rand(tokens, EXPERTS, generator=gen).topk(TOP_K, dim=1).indices
+        weights = torch.rand(tokens, TOP_K, generator=gen)
+        started = time.perf_counter()
+        experts.forward(0, rows, ids, weights)
+        times.append(time.perf_counter() - started)
+        touched.append(ids.unique().numel())
+    return times, round(statistics.mean(touched))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    record = machine_record()
+    bandwidth = read_bandwidth()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for grouped in (False, True):
+            experts = shard(dtype, grouped, gen)
+            time_forward(experts, 16, gen, 3)  # warm-up
+            for tokens in TOKENS:
+                times, touched = time_forward(experts, tokens, gen, args.repeats)
+                p50 = statistics.median(times)
+                weight_bytes = touched * 3 * HIDDEN * INTER * dtype.itemsize
+                rows.append(
+                    {
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "kernel": "grouped_mm" if grouped else "loop",
+                        "tokens": tokens,
+                        "experts_touched": touched,
+                        "p50_us": p50 * 1e6,
+                        "spread_us": [min(times) * 1e6, max(times) * 1e6],
+                        "weight_gb_per_s": weight_bytes / p50 / 1e9,
+                        "share_of_bandwidth": weight_bytes / p50 / bandwidth,
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{r['dtype']:>8} {r['kernel']:>10} {tokens:>4} tokens ({touched:>2} experts): "
+                    f"{r['p50_us']:8.0f} us p50, {r['weight_gb_per_s']:5.1f} GB/s of weights "
+                    f"({r['share_of_bandwidth']:.0%} of {bandwidth / 1e9:.1f} GB/s read bandwidth)",
+                    flush=True,
+                )
+    if args.json:
+        report = {"machine": record, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+        report["load_average_after"] = list(os.getloadavg())
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
