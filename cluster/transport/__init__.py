@@ -75,9 +75,9 @@ def open_transport(rendezvous: Rendezvous, rank: int, world_size: int, timeout_s
         gloo = GlooTransport(rendezvous.gloo_address, ranks.index(rank), len(ranks), timeout_s)
         peers = [r for r in ranks if r != rank] if rank == ROUTER_RANK else [ROUTER_RANK]
         routes.update({peer: (gloo, ranks.index(peer)) for peer in peers})
-    transports = {id(t) for t, _ in routes.values()}
-    if len(transports) == 1 and all(local == peer for peer, (_, local) in routes.items()):
-        return next(iter(routes.values()))[0]
+    only = {id(t): t for t, _ in routes.values()}
+    if len(only) == 1 and (t := next(iter(only.values()))).rank == rank and t.world_size == world_size:
+        return t  # one transport, in which every peer has its own rank
     from cluster.transport.per_peer import PerPeerTransport
 
     return PerPeerTransport(rank, world_size, routes)
