@@ -102,6 +102,7 @@ class Ring:
         struct.pack_into(_RECORD_FMT, self._data_mv, offset, *fields, *[0] * (RECORD // 8 - len(fields)))
 
     def _publish(self, position: int) -> None:
+        futex.fence()  # the record is written before the position says so (aarch64 reorders stores)
         self._words[self._w] = position
         futex.fence()
         if self._words[self._flags]:
@@ -120,6 +121,7 @@ class Ring:
     def next_record(self) -> tuple[int, int, int, list[int], int] | None:
         """(kind, piece bytes, message bytes, head, payload offset) of the next record; skips WRAPs."""
         while self.ready():
+            futex.fence()  # read the record only after the position that announced it
             r = self._words[self._r]
             offset = r % self.capacity
             kind, piece, total, *rest = struct.unpack_from(_RECORD_FMT, self._data_mv, offset)
