@@ -83,6 +83,7 @@ class ShmTransport:
         pair = self._pair(src)
         ring = pair.in_ring
         ring.release()
+        self._nudge(pair)
         kind, piece, total, head, offset = self._next_record(pair)
         rows = head[ROWS]
         expected = rows * width * dtype.itemsize
@@ -93,7 +94,6 @@ class ShmTransport:
             )
         if piece == total:
             ring.pass_record(piece, hold=True)
-            self._nudge(pair)
             return head, ring.piece(offset, total).view(dtype).view(rows, width)
         out = torch.empty(total, dtype=torch.uint8)
         got = 0

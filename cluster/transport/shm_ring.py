@@ -184,8 +184,6 @@ class PairSegment:
             self.words[_PID1] = os.getpid()
             futex.wake(base + 8 * _PID1)
             self.unlink()
-        self.peer_pid = int(self.words[_PID1 if self.creator else _PID0])
-        self._pidfd = self._open_pidfd(self.peer_pid)
         ring_bytes = int(self.words[_RING_BYTES])
         rings = []
         for d in (0, 1):
@@ -193,6 +191,8 @@ class PairSegment:
             data_mv = memoryview(self._mm)[start : start + ring_bytes]
             rings.append(Ring(self.words, raw[start : start + ring_bytes], data_mv, base, d))
         self.out_ring, self.in_ring = (rings[0], rings[1]) if self.creator else (rings[1], rings[0])
+        self.peer_pid = int(self.words[_PID1 if self.creator else _PID0])
+        self._pidfd = self._open_pidfd(self.peer_pid)
 
     def _create(self, ring_bytes: int) -> mmap.mmap:
         if ring_bytes < 4 * MIN_PIECE or ring_bytes % RECORD:
