@@ -247,3 +247,20 @@ def test_random_sizes_through_a_small_ring_wrap_and_split_without_losing_a_byte(
     for i, (_, rows) in enumerate(answers):
         assert torch.equal(rows, _rows(sizes[i].item(), i))
     router.close()
+
+
+def test_a_payload_read_with_the_wrong_width_is_a_clear_error():
+    prefix = new_prefix()
+    opened: list[ShmTransport] = []
+    joined = threading.Thread(target=lambda: opened.append(ShmTransport(prefix, 1, 2, timeout_s=30)))
+    joined.start()
+    router = ShmTransport(prefix, 0, 2, timeout_s=30)
+    joined.join(30)
+    (expert,) = opened
+    router.send(1, head(Op.DISPATCH, 0, 3, 0), _rows(3, 0))
+    with pytest.raises(TransportError, match=rf"sent {3 * WIDTH * 4} payload bytes .* expected 3 rows of 12"):
+        expert.recv(0, 12, torch.float32)
+    with pytest.raises(ValueError, match="head says 2 rows"):
+        router.send(1, head(Op.DISPATCH, 0, 2, 0), _rows(3, 0))
+    router.close()
+    expert.close()
