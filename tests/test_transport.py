@@ -1,17 +1,30 @@
-"""Transports on the CPU: a peer that stops answering is a TransportError within the timeout, never a hang."""
+"""Transports on the CPU: gloo over point-to-point messages, the transport chosen per pair of ranks, and
+a peer that stops answering is a TransportError within the timeout, never a hang."""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
+from cluster.transport import new_rendezvous, open_transport
 from cluster.transport.gloo import GlooTransport
 from cluster.transport.nccl import Watchdog
+from cluster.transport.per_peer import PerPeerTransport
+from cluster.transport.shm import ShmTransport
 from router.errors import TransportError
+from router.transport import Op, head
 from tests.conftest import free_port
+
+
+def _in_threads(*targets) -> list[threading.Thread]:
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    return threads
 
 
 def test_gloo_peer_that_stalls_is_detected_within_the_timeout():
@@ -19,41 +32,96 @@ def test_gloo_peer_that_stalls_is_detected_within_the_timeout():
     joined, release = threading.Event(), threading.Event()
 
     def stalled_expert() -> None:
-        GlooTransport(address, 1, 2, timeout_s=2)  # joins the group, then never takes part again
+        stalled = GlooTransport(address, 1, 2, timeout_s=2)  # joins the group, then never takes part again
         joined.set()
         release.wait(30)
+        stalled.close()
 
-    peer = threading.Thread(target=stalled_expert, daemon=True)
-    peer.start()
+    _in_threads(stalled_expert)
     router = GlooTransport(address, 0, 2, timeout_s=2)
-    joined.wait(30)
+    assert joined.wait(30)
+    router.send(1, head(Op.DISPATCH, 0, 3), torch.ones(3, 4))  # a send does not wait for the peer
     start = time.monotonic()
-    with pytest.raises(TransportError, match="gloo"):
-        router.all_to_all(torch.ones(3, 4), [0, 3], [0, 0]).wait()
-        router.all_to_all(torch.empty(0, 4), [0, 0], [0, 3]).wait()
+    with pytest.raises(TransportError, match=r"gloo recv from rank 1 .*[Tt]imed out"):
+        router.recv(1, 4, torch.float32)
     assert time.monotonic() - start < 2 + 3
     release.set()
 
 
-def test_gloo_uneven_splits_and_empty_ranks():
+def test_gloo_uneven_and_empty_messages_in_order_and_a_rank_that_receives_nothing():
     address = f"127.0.0.1:{free_port()}"
-    received: dict[int, torch.Tensor] = {}
+    received: dict[int, list] = {1: [], 2: []}
+    finished = threading.Event()  # a gloo rank that goes away may reset what it has not yet delivered
 
-    def expert(rank: int) -> None:
+    def expert(rank: int, messages: int) -> None:
         t = GlooTransport(address, rank, 3, timeout_s=10)
-        rows = 2 if rank == 1 else 0
-        received[rank] = t.all_to_all(torch.empty(0, 4), [0, 0, 0], [rows, 0, 0]).wait()
+        for _ in range(messages):
+            received[rank].append(t.recv(0, 4, torch.float32))
+        t.send(0, head(Op.COMBINE, 5, 0, 1))
+        finished.wait(30)
+        t.close()
 
-    threads = [threading.Thread(target=expert, args=(r,)) for r in (1, 2)]
-    for t in threads:
-        t.start()
+    threads = _in_threads(lambda: expert(1, 3), lambda: expert(2, 0))
     router = GlooTransport(address, 0, 3, timeout_s=10)
     payload = torch.arange(8, dtype=torch.float32).view(2, 4)
-    router.all_to_all(payload, [0, 2, 0], [0, 0, 0]).wait()
+    router.send(1, head(Op.DISPATCH, 0, 2, 0), payload)
+    router.send(1, head(Op.DISPATCH, 0, 0, 1))
+    router.send(1, head(Op.DISPATCH, 1, 1, 0), payload[1:])
+    for rank in (2, 1):
+        assert router.recv(rank, 4, torch.float32)[0] == head(Op.COMBINE, 5, 0, 1)
+    finished.set()
     for t in threads:
         t.join(20)
-    assert torch.equal(received[1], payload)
-    assert received[2].shape == (0, 4)
+    (h0, p0), (h1, p1), (h2, p2) = received[1]
+    assert (h0, h1, h2) == (
+        head(Op.DISPATCH, 0, 2, 0),
+        head(Op.DISPATCH, 0, 0, 1),
+        head(Op.DISPATCH, 1, 1, 0),
+    )
+    assert torch.equal(p0, payload) and p1.shape == (0, 4) and torch.equal(p2, payload[1:])
+    assert received[2] == []
+
+
+def test_the_rendezvous_chooses_shm_within_the_routers_node_and_gloo_beyond():
+    mixed = new_rendezvous("auto", ["n0", "n0", "n1", "n0", "n2"])
+    assert mixed.shm_ranks == (0, 1, 3) and mixed.shm_prefix is not None
+    assert mixed.gloo_ranks == (0, 2, 4) and mixed.gloo_address is not None
+    one_node = new_rendezvous("auto", ["n0", "n0", "n0"])
+    assert one_node.gloo_ranks == () and one_node.gloo_address is None
+    assert new_rendezvous("auto", ["n0", "n0"]).shm_prefix != one_node.shm_prefix  # one name per group
+    forced = new_rendezvous("gloo", ["n0", "n0", "n0"])
+    assert forced.shm_prefix is None and forced.gloo_ranks == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"transport=shm, but expert ranks \[2\] are on other nodes"):
+        new_rendezvous("shm", ["n0", "n0", "n1"])
+
+
+def test_a_mixed_group_reaches_each_peer_over_its_own_transport():
+    rendezvous = replace(new_rendezvous("auto", ["n0", "n0", "n1"]), gloo_address=f"127.0.0.1:{free_port()}")
+    opened: dict[int, object] = {}
+    finished = threading.Event()
+
+    def expert(rank: int) -> None:
+        t = opened[rank] = open_transport(rendezvous, rank, 3, timeout_s=20)
+        got, rows = t.recv(0, 4, torch.float32)
+        t.send(0, head(Op.COMBINE, got[1], got[2], got[3]), rows * rank)
+        finished.wait(30)
+        t.close()
+
+    threads = _in_threads(lambda: expert(1), lambda: expert(2))
+    router = open_transport(rendezvous, 0, 3, timeout_s=20)
+    rows = torch.arange(12, dtype=torch.float32).view(3, 4)
+    for rank in (1, 2):
+        router.send(rank, head(Op.DISPATCH, 4, 3, rank % 2), rows)
+    for rank in (2, 1):
+        got, answer = router.recv(rank, 4, torch.float32)
+        assert got == head(Op.COMBINE, 4, 3, rank % 2) and torch.equal(answer, rows * rank)
+    finished.set()
+    for t in threads:
+        t.join(20)
+    assert isinstance(router, PerPeerTransport)
+    assert isinstance(opened[1], ShmTransport)  # shares the router's node
+    assert isinstance(opened[2], PerPeerTransport)  # gloo, as rank 1 of the router's 2-rank gloo group
+    router.close()
 
 
 class _Completion:

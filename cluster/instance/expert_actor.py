@@ -10,11 +10,11 @@ import os
 
 import ray
 
-from cluster.instance.resources import device_for, limit_threads, transport_kind
+from cluster.instance.resources import device_for, limit_threads
 from cluster.metrics.common import model_instance_id
 from cluster.metrics.experts import ExpertMetrics
 from cluster.options.engine import EngineConfig
-from cluster.transport import open_transport
+from cluster.transport import Rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
@@ -43,18 +43,13 @@ class ExpertActor:
             "experts": self.shard.num_local_experts,
             "bytes": self.shard.nbytes(),
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    def run_expert_loop(self, rendezvous: str | tuple) -> int:
+    def run_expert_loop(self, rendezvous: Rendezvous) -> int:
         """Joins the group and serves the router until it says STOP; returns the dispatches served."""
         world = self.config.expert_shards + 1
-        transport = open_transport(
-            transport_kind(self.config),
-            rendezvous,
-            self.shard_index + 1,
-            world,
-            self.config.collective_timeout_s,
-        )
+        transport = open_transport(rendezvous, self.shard_index + 1, world, self.config.collective_timeout_s)
         try:
             on_dispatch = self.metrics.on_dispatch if self.metrics else None
             return run_expert_loop(transport, self.shard, self.top_k, self.dtype, on_dispatch)

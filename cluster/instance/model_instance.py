@@ -61,7 +61,6 @@ class ModelInstance:
         cache = KVCache(
             self.model_config, cache_bytes, config.max_num_seqs, config.block_size, dtype, self.device
         )
-        ray.get([e.info.remote() for e in self.experts], timeout=config.ready_timeout_s)
         self.transport, self._serving = self._form_group()
         placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
         experts = TransportExperts(
@@ -129,7 +128,6 @@ class ModelInstance:
             ray.kill(self.experts[shard])
             self.experts[shard] = self._spawn_expert(shard)
             self.expert_restarts += 1
-        ray.get([e.info.remote() for e in self.experts], timeout=self.config.ready_timeout_s)
         self.transport, self._serving = self._form_group()
         self.core.experts.reconnect(self.transport)
         self.generation += 1
@@ -146,12 +144,13 @@ class ModelInstance:
         return True
 
     def _form_group(self) -> tuple[Transport, list[ray.ObjectRef]]:
-        kind = transport_kind(self.config)
-        rendezvous = new_rendezvous(kind)
+        infos = ray.get([e.info.remote() for e in self.experts], timeout=self.config.ready_timeout_s)
+        nodes = [ray.get_runtime_context().get_node_id()] + [info["node_id"] for info in infos]
+        rendezvous = new_rendezvous(transport_kind(self.config), nodes)
         serving = [e.run_expert_loop.remote(rendezvous) for e in self.experts]
         world = self.config.expert_shards + 1
         # returns once every rank joined
-        transport = open_transport(kind, rendezvous, ROUTER_RANK, world, self.config.collective_timeout_s)
+        transport = open_transport(rendezvous, ROUTER_RANK, world, self.config.collective_timeout_s)
         failed, _ = ray.wait(serving, timeout=0)
         if failed:
             ray.get(failed)  # an expert loop that ended at once raises its error here

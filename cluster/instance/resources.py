@@ -30,7 +30,7 @@ def resolve_device(device: Device, expert_shards: int) -> Device:
 
 
 def transport_kind(config: EngineConfig) -> TransportKind:
-    return "nccl" if config.use_gpu else "gloo"
+    return "nccl" if config.use_gpu else config.transport
 
 
 def gpu_cache_budget(utilization: float) -> int:

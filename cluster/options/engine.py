@@ -45,6 +45,9 @@ class EngineOptions(BaseModel):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of GPU memory for weights + KV cache"
     )
+    transport: Literal["auto", "shm", "gloo"] = Field(
+        "auto", description="CPU data plane: auto = shared memory within a node, gloo across nodes"
+    )
     collective_timeout_s: float = Field(60.0, gt=0, description="a stalled expert group fails after this")
     placement_strategy: PlacementStrategy = Field(
         "PACK", description="placement group strategy of an instance's bundles"

@@ -1,8 +1,8 @@
-"""The data plane on GPUs: NCCL through cupy, all-to-all as grouped point-to-point calls.
+"""The data plane on GPUs: NCCL through cupy, messages as grouped point-to-point calls.
 
 The router creates the NCCL unique id and hands it to the expert actors through Ray. Every call is
 enqueued on the current torch CUDA stream, so it orders with the surrounding torch kernels. NCCL
-itself never times out: a watchdog thread follows each enqueued collective's CUDA event and aborts
+itself never times out: a watchdog thread follows each enqueued group's CUDA event and aborts
 the communicator once one is overdue, which makes the stuck kernel return; the transport then raises
 TransportError on its next use, so the engine re-forms the group instead of hanging.
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from router.errors import TransportError
-from router.transport import HEADER_LEN, ROUTER_RANK
+from router.transport import HEAD_LEN, ROWS
 
 
 def new_unique_id() -> tuple[int, ...]:
@@ -82,17 +82,10 @@ class Watchdog:
                 return
 
 
-class _Pending:
-    def __init__(self, event: torch.cuda.Event, out: torch.Tensor, watchdog: Watchdog) -> None:
-        self._event, self._out, self._watchdog = event, out, watchdog
-
-    def wait(self) -> torch.Tensor:
-        self._watchdog.check()
-        torch.cuda.current_stream().wait_event(self._event)
-        return self._out
-
-
 class NcclTransport:
+    """Point-to-point messages over one NCCL communicator: a message's head and payload go in one
+    group; a recv takes the head first and syncs the host on it to learn how many rows follow."""
+
     def __init__(
         self, unique_id: tuple[int, ...], rank: int, world_size: int, timeout_s: float = 60.0
     ) -> None:
@@ -107,46 +100,41 @@ class NcclTransport:
             raise TransportError(f"NCCL communicator init failed: {err}") from err
         self.watchdog = Watchdog(self.comm.abort, timeout_s)
 
-    def _stream(self) -> int:
-        return torch.cuda.current_stream().cuda_stream
+    def send(self, dst: int, head: list[int], payload: torch.Tensor | None = None) -> None:
+        head_buf = torch.tensor(head, dtype=torch.int64).to(self.device)
+        parts = [head_buf]
+        if head[ROWS] > 0:
+            assert payload is not None and payload.shape[0] == head[ROWS]
+            parts.append(payload.contiguous())
+        self._enqueue(f"send to rank {dst}", [(self.comm.send, part, dst) for part in parts])
 
-    def _followed(self, what: str) -> torch.cuda.Event:
+    def recv(self, src: int, width: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+        head_buf = torch.empty(HEAD_LEN, dtype=torch.int64, device=self.device)
+        arrived = self._enqueue(f"recv of a head from rank {src}", [(self.comm.recv, head_buf, src)])
+        arrived.synchronize()  # returns at the latest when the watchdog aborts the communicator
+        self.watchdog.check()
+        head = head_buf.tolist()
+        payload = torch.empty(head[ROWS], width, dtype=dtype, device=self.device)
+        if head[ROWS] > 0:
+            self._enqueue(f"recv of {head[ROWS]} rows from rank {src}", [(self.comm.recv, payload, src)])
+        return head, payload
+
+    def _enqueue(self, what: str, ops: list[tuple[Callable, torch.Tensor, int]]) -> torch.cuda.Event:
+        """Enqueues the calls as one NCCL group on the current stream; the watchdog follows it."""
+        self.watchdog.check()
+        stream = torch.cuda.current_stream().cuda_stream
+        try:
+            self._nccl.groupStart()
+            for call, tensor, peer in ops:
+                call(tensor.data_ptr(), tensor.numel(), _nccl_dtype(tensor.dtype), peer, stream)
+            self._nccl.groupEnd()
+        except (RuntimeError, self._nccl.NcclError) as err:
+            self.watchdog.check()
+            raise TransportError(f"NCCL {what} failed: {err}") from err
         event = torch.cuda.Event()
         event.record()
         self.watchdog.follow(event, what)
         return event
-
-    def broadcast_header(self, header: torch.Tensor | None) -> torch.Tensor:
-        self.watchdog.check()
-        buf = (header if header is not None else torch.zeros(HEADER_LEN, dtype=torch.int64)).to(self.device)
-        ptr = buf.data_ptr()
-        try:
-            self.comm.broadcast(ptr, ptr, HEADER_LEN, self._nccl.NCCL_INT64, ROUTER_RANK, self._stream())
-            self._followed("header broadcast")
-            return buf.cpu()
-        except (RuntimeError, self._nccl.NcclError) as err:
-            self.watchdog.check()
-            raise TransportError(f"NCCL header broadcast failed: {err}") from err
-
-    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> _Pending:
-        self.watchdog.check()
-        send = send.contiguous()
-        out = send.new_empty(sum(recv_splits), *send.shape[1:])
-        row = send[0].numel() if send.shape[0] else out[0].numel() if out.shape[0] else 0
-        dtype, stream, size = _nccl_dtype(send.dtype), self._stream(), send.element_size()
-        send_off = recv_off = 0
-        self._nccl.groupStart()
-        for peer in range(self.world_size):
-            if send_splits[peer]:
-                ptr = send.data_ptr() + send_off * row * size
-                self.comm.send(ptr, send_splits[peer] * row, dtype, peer, stream)
-            if recv_splits[peer]:
-                ptr = out.data_ptr() + recv_off * row * size
-                self.comm.recv(ptr, recv_splits[peer] * row, dtype, peer, stream)
-            send_off += send_splits[peer]
-            recv_off += recv_splits[peer]
-        self._nccl.groupEnd()
-        return _Pending(self._followed("all_to_all"), out, self.watchdog)
 
     def close(self) -> None:
         self.watchdog.close()
