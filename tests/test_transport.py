@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cluster.transport import new_rendezvous, open_transport
 from cluster.transport.gloo import GlooTransport
+from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.nccl import Watchdog
 from cluster.transport.per_peer import PerPeerTransport
 from cluster.transport.shm import ShmTransport

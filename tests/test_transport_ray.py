@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from cluster.transport import new_rendezvous, open_transport
+from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.shm import ShmTransport
 from router.errors import TransportError
 from router.transport import LAYER, OP, ROUTER_RANK, ROWS, TAG, Op, head

@@ -14,7 +14,7 @@ from cluster.instance.resources import device_for, limit_threads
 from cluster.metrics.common import model_instance_id
 from cluster.metrics.experts import ExpertMetrics
 from cluster.options.engine import EngineConfig
-from cluster.transport import Rendezvous, open_transport
+from cluster.transport.group import Rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard

@@ -26,7 +26,7 @@ from cluster.instance.resources import (
 from cluster.metrics.common import model_instance_id
 from cluster.metrics.engine import EngineMetrics
 from cluster.options.engine import EngineConfig
-from cluster.transport import new_rendezvous, open_transport
+from cluster.transport.group import new_rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from router.config import ModelConfig

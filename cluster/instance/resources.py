@@ -9,7 +9,7 @@ import ray
 import torch
 
 from cluster.options.engine import Device, EngineConfig
-from cluster.transport import TransportKind
+from cluster.transport.group import TransportKind
 
 
 def limit_threads(cpus: float) -> None:

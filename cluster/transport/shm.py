@@ -20,7 +20,7 @@ from collections import deque
 
 import torch
 
-from cluster.transport import futex
+import cluster.transport.futex as futex
 from cluster.transport.shm_ring import FIRST, MORE, Outgoing, PairSegment
 from router.errors import TransportError
 from router.transport import HEAD_LEN, ROWS

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.transport import futex
+import cluster.transport.futex as futex
 from router.errors import TransportError
 from router.transport import HEAD_LEN
 
