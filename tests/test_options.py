@@ -41,6 +41,8 @@ NON_DEFAULT = {
     "ready_timeout_s": 120.0,
     "metrics": False,
     "expert_layer_metrics": True,
+    "overlap": True,
+    "transport": "shm",
 }
 
 
