@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AfmoeConfig, AfmoeForCausalLM
 
 from cluster.cli.main import main
@@ -199,3 +200,17 @@ def test_text_report_prints_every_section(capsys):
         "assumptions:",
     ):
         assert needle in text, needle
+
+
+def test_trinity_large_reference_deployment_is_what_the_planner_sizes():
+    values = yaml.safe_load((REPO / "k8s" / "trinity-large" / "values.yaml").read_text())
+    options = values["serve"]["options"]
+    [group] = values["rayClusterConfig"]["workerGroupSpecs"]
+    cfg, _ = load_model("trinity-large")
+    gpus = 1 + options["expert_shards"]
+    plan = make_plan(cfg, Request(gpus, max_model_len=options["max_model_len"]))
+    assert gpus == plan["layout"]["min_gpus"] == group["gpus"]  # the fewest H200s, one instance per node
+    assert options["placement_strategy"] == "STRICT_PACK"
+    assert options["kv_cache_bytes"] <= plan["memory_per_gpu"]["router_kv_cache_bytes"]
+    assert options["max_num_seqs"] == options["kv_cache_bytes"] // plan["kv"]["bytes_per_sequence"] == 38
+    assert options["engine_autoscaling"]["max_replicas"] * gpus <= group["gpus"] * group["maxReplicas"]
