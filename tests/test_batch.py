@@ -30,6 +30,7 @@ from cluster.engine import Engine
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
 from tests.conftest import free_port
+from tests.ray_nodes import pids_naming
 
 CLI = Path(sys.executable).with_name("moe-cluster")
 RAY = Path(sys.executable).with_name("ray")
@@ -243,17 +244,6 @@ def stop_processes(pgid: int, marker: str) -> None:
         deadline = time.monotonic() + 5
         while pids_naming(marker) and time.monotonic() < deadline:
             time.sleep(0.5)
-
-
-def pids_naming(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_ray_job_submit_with_token_auth(ray_head, fault_free, batch_input, demo_model, tmp_path):

@@ -180,19 +180,26 @@ class Progress:
                 raise TimeoutError(f"only {self._done} of {count} requests completed in {timeout} s")
 
 
-def run_workload(url: str, model: str, progress: Progress | None = None) -> list[Stream]:
-    """REQUESTS greedy streams, CONCURRENCY at a time; results in PROMPTS order."""
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+def run_workload(
+    url: str,
+    model: str,
+    progress: Progress | None = None,
+    prompts: list[str] = PROMPTS,
+    concurrency: int = CONCURRENCY,
+    max_tokens: int = MAX_TOKENS,
+) -> list[Stream]:
+    """One greedy stream per prompt, `concurrency` at a time; results in prompt order."""
+    limits = httpx.Limits(max_connections=concurrency * 2)
     with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT, limits=limits) as http:
 
         def one(prompt: str) -> Stream:
-            result = stream_completion(http, model, prompt, MAX_TOKENS)
+            result = stream_completion(http, model, prompt, max_tokens)
             if progress:
                 progress.completed()
             return result
 
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            return list(pool.map(one, PROMPTS))
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, prompts))
 
 
 def gcs() -> str:
