@@ -38,7 +38,7 @@ def _placement(pg_id: str) -> dict:
         "id": pg_id,
         "strategy": table["strategy"],
         "state": table["state"],
-        "bundle_nodes": {int(b): n for b, n in table["bundles_to_node_id"].items()},
+        "bundle_nodes": [n for _, n in sorted(table["bundles_to_node_id"].items())],  # by bundle index
         "actors": _actors(pg_id),
     }
 

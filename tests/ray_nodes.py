@@ -83,7 +83,7 @@ class RayNodes:
         return self._start(name, ["--address", self.address], cpus, resources or {})
 
     def _start(self, name: str, role: list[str], cpus: int, resources: dict[str, float]) -> Node:
-        ports = _free_ports(7)
+        ports = _free_ports(6)
         flags = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0"]
         flags += ["--object-store-memory", str(OBJECT_STORE_BYTES)]
         flags += ["--resources", json.dumps({"moe_node_" + name: 1, **resources})]
