@@ -25,6 +25,13 @@ RAY = Path(sys.executable).with_name("ray")
 # The GCS declares a silent node dead after period x threshold; Ray's default (3 s x 5) makes tests slow.
 FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}
 OBJECT_STORE_BYTES = 256 << 20
+_LIST_NODES = """
+import json, sys
+from ray.util.state import list_nodes
+alive = [("state", "=", "ALIVE")]
+nodes = list_nodes(address=sys.argv[1], filters=alive, timeout=10, raise_on_missing_output=False)
+print(json.dumps([{"node_id": n.node_id, "resources_total": n.resources_total} for n in nodes]))
+"""
 
 
 def free_port() -> int:
@@ -69,7 +76,6 @@ class RayNodes:
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         self.env = base | {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": self.address}
         self.nodes: list[Node] = []
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # this process reads the state API with the token
         head = ["--head", "--port", str(gcs_port), "--dashboard-port", str(dashboard_port)]
         head += ["--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", self.temp_dir]
         head += ["--ray-client-server-port", str(free_port())]
@@ -112,15 +118,19 @@ class RayNodes:
         self.wait_for_nodes(len(self.nodes))
         return node
 
-    def alive_nodes(self) -> list:
-        """The ALIVE nodes as the state API (the dashboard) reports them; [] while it is not up."""
-        from ray.util.state import list_nodes
+    def alive_nodes(self) -> list[dict]:
+        """The ALIVE nodes as the state API reports them; [] while the dashboard is not up.
 
-        try:
-            nodes = list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10)
-        except Exception:  # the dashboard is still starting, or restarting its GCS connection
-            return []
-        return list(nodes)
+        Asked from a subprocess: this process may have imported Ray before token auth was switched on.
+        """
+        out = subprocess.run(
+            [sys.executable, "-c", _LIST_NODES, self.dashboard_url],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
 
     def wait_for_nodes(self, count: int, timeout: float = 40.0) -> None:
         deadline = time.monotonic() + timeout
@@ -133,8 +143,8 @@ class RayNodes:
         raise TimeoutError(f"{count} Ray nodes did not come up in {timeout} s: {self.alive_nodes()}")
 
     def node_id(self, name: str) -> str:
-        [node] = [n for n in self.alive_nodes() if f"moe_node_{name}" in n.resources_total]
-        return node.node_id
+        [node] = [n for n in self.alive_nodes() if f"moe_node_{name}" in n["resources_total"]]
+        return node["node_id"]
 
     def kill(self, name: str) -> float:
         """Loses a node: SIGKILL to its raylet and every process on it at once. Returns when (monotonic)."""
