@@ -132,7 +132,7 @@ class RayNodes:
         )
         return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
 
-    def wait_for_nodes(self, count: int, timeout: float = 40.0) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(n.process.poll() is not None for n in self.nodes):
