@@ -50,6 +50,18 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
 
+    def kv_bytes_per_token_layer(self, itemsize: int) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.num_key_value_heads * self.head_dim * itemsize
+
+    def kv_slots_per_sequence(self, max_model_len: int, block_size: int) -> int:
+        """(token, layer) KV slots one sequence reserves in the paged cache: full layers hold
+        max_model_len tokens, sliding layers a ring of window-1, both in whole blocks."""
+        sliding = sum(self.is_sliding(i) for i in range(self.num_hidden_layers))
+        full_tokens = -(-max_model_len // block_size) * block_size
+        ring_tokens = -(-max(self.sliding_window - 1, 1) // block_size) * block_size
+        return (self.num_hidden_layers - sliding) * full_tokens + sliding * ring_tokens
+
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"

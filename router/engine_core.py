@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass
 
@@ -241,10 +240,5 @@ def default_cache_bytes(
     config: ModelConfig, max_num_seqs: int, max_model_len: int, block_size: int, dtype: torch.dtype
 ) -> int:
     """Enough for max_num_seqs sequences of max_model_len tokens each, sliding rings included."""
-    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
-    sliding_layers = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
-    full_layers = config.num_hidden_layers - sliding_layers
-    full_tokens = math.ceil(max_model_len / block_size) * block_size
-    ring_tokens = math.ceil(max(config.sliding_window - 1, 1) / block_size) * block_size
-    per_seq = full_layers * full_tokens + sliding_layers * ring_tokens
-    return max_num_seqs * per_seq * per_token_layer
+    per_seq = config.kv_slots_per_sequence(max_model_len, block_size)
+    return max_num_seqs * per_seq * config.kv_bytes_per_token_layer(dtype.itemsize)

@@ -28,6 +28,7 @@ CLUSTER_LAYERS = {
     "transport": 1,
     "metrics": 1,
     "options": 1,
+    "planner": 0,  # capacity arithmetic, torch-free: only router.config beneath it
     "errors": 0,
     "demo": 0,
 }

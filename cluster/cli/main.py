@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_k8s_arguments(k8s, _add_serve_flags)
     k8s.set_defaults(run=cmd_k8s)
+
+    from cluster.cli.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
