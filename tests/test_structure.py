@@ -6,6 +6,7 @@ Every import counts, wherever it stands: at module level, inside a function, und
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,3 +159,10 @@ def test_the_checker_sees_a_cycle_and_a_wrong_direction(tmp_path, monkeypatch):
         test_imports_point_one_way()
     with pytest.raises(AssertionError, match="import cycles"):
         test_no_import_cycles()
+
+
+def test_the_ingress_imports_no_torch():
+    """The CPU ingress reaches the engine's errors and messages without loading torch or the model code."""
+    probe = "import sys, cluster.serve.ingress; print([m for m in sys.modules if m.startswith('torch')])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
