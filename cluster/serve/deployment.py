@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 from ray.util import get_current_placement_group
 
+from cluster.errors import MaxTokensExceedContext
 from cluster.instance.model_instance import ModelInstance
 from cluster.options.serve import ServeOptions
 from cluster.serve.messages import Accepted, GenerateRequest, ModelInfo, TokenChunk, TokenLogprobs
@@ -52,13 +53,19 @@ class EngineDeployment:
             )
         done = list(resume.output_ids) if resume else []
         fields = vars(request.sampling).copy()
+        room = self.instance.core.max_model_len - len(prompt_ids)
         if fields["max_tokens"] is None:
-            fields["max_tokens"] = max(1, self.instance.core.max_model_len - len(prompt_ids))
+            fields["max_tokens"] = max(1, room)
+        elif fields["max_tokens"] > room > 0:
+            raise MaxTokensExceedContext(
+                f"max_tokens is {fields['max_tokens']} but the prompt has {len(prompt_ids)} tokens and "
+                f"max_model_len is {self.instance.core.max_model_len}: at most {room} can be generated"
+            )
         fields["max_tokens"] -= len(done)
         params = SamplingParams(**fields, step_offset=len(done))
         events = self.engine.submit(prompt_ids + done, params)
-        yield Accepted(len(prompt_ids), prompt_ids)
         decode = self.instance.prompts.decode
+        yield Accepted(len(prompt_ids), prompt_ids, (decode(prompt_ids) or "") if request.echo else None)
         text = TextStream(decode, request.stop, done, resume.sent_chars if resume else 0)
         try:
             async for event in events:

@@ -51,10 +51,19 @@ Number = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
 MAX_TOP_K = 1 << 20
 
 
-class SamplingFields(BaseModel):
-    """Fields both endpoints share; types are strict so that "1" is not silently a number."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share; types are strict so that "1" is not silently a number.
+
+    A field that is not declared here is a 400 naming it (docs/api.md lists what is served).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -67,7 +76,38 @@ class SamplingFields(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
-    stream_options: dict[str, StrictBool] | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: Number = Field(1.0, gt=0.0, le=2.0, description="extension, as in vLLM")
+    logit_bias: dict[str, Number] | None = None
+    min_tokens: StrictInt = Field(0, ge=0, description="extension, as in vLLM")
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=64)
+    ignore_eos: StrictBool = False
+    user: StrictStr | None = None  # accepted for compatibility; not used
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"values must be within -100..100, got {value} for {key}")
+        return bias
+
+    def check(self) -> None:
+        """What the schema alone cannot say."""
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -81,10 +121,30 @@ class SamplingFields(BaseModel):
         return [s for s in stops if s]
 
 
+MAX_PROMPTS = 32
+TokenIds = list[StrictInt]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictInt] = Field(..., description="text, or a list of token ids")
+    prompt: StrictStr | TokenIds | list[StrictStr] | list[TokenIds] = Field(
+        ..., description="text, token ids, or a list of either (one choice per prompt)"
+    )
     max_tokens: StrictInt | None = Field(16, ge=1)
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    echo: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+        return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids; `[]` stays one (empty, refused) token-id prompt."""
+        if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):
@@ -93,15 +153,23 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template reads it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -122,6 +190,8 @@ def error_from_validation(errors: list[dict[str, Any]]) -> OpenAIError:
         return OpenAIError(400, "request body is not valid JSON", code="invalid_json")
     if first.get("type") in ("model_attributes_type", "dict_type") and not loc:
         return OpenAIError(400, "request body must be a JSON object", code="invalid_body")
+    if first.get("type") == "extra_forbidden":
+        return OpenAIError(400, f"unsupported parameter: {param}", param=param, code="unsupported_parameter")
     where = f" ({param})" if param else ""
     return OpenAIError(400, f"invalid request{where}: {first.get('msg', 'invalid value')}", param=param)
 
