@@ -97,7 +97,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    import ray
     from ray import serve
 
     from cluster.instance.resources import ensure_ray
@@ -117,10 +116,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         stop.wait()
     finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+        _stop_serving(started)
     return 0
+
+
+SERVE_DRAIN_S = 5.0
+
+
+def _stop_serving(started_ray: bool) -> None:
+    """Gives Serve a few seconds to drain and shut down, then, if this process started Ray, stops it:
+    Serve's own shutdown can wait 30 s and more on its controller, too long for SIGTERM."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    worker = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+    worker.start()
+    worker.join(SERVE_DRAIN_S)
+    if worker.is_alive():
+        print(f"Serve did not shut down within {SERVE_DRAIN_S:.0f} s; stopping Ray", flush=True)
+    if started_ray:
+        ray.shutdown()
 
 
 def cmd_serve_config(args: argparse.Namespace) -> int:

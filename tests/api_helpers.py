@@ -1,0 +1,65 @@
+"""What the test_api_* modules share: one Serve app per module, OpenAI error bodies, streamed choices."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import httpx
+import openai
+from ray import serve
+
+from tests.conftest import deploy_app
+
+
+def app_options(demo_model, **overrides) -> dict:
+    """The demo model on one expert shard: what these modules test is the API, not the exchange."""
+    return {
+        "model": str(demo_model),
+        "expert_shards": 1,
+        "router_cpus": 0.5,
+        "expert_cpus": 0.5,
+        "max_model_len": 256,
+        "max_num_seqs": 32,
+        **overrides,
+    }
+
+
+@contextlib.contextmanager
+def served(base_url: str, name: str, options: dict) -> Iterator[str]:
+    """The real app deployed at /<name> for the duration; yields its URL."""
+    deploy_app(name, options)
+    try:
+        yield f"{base_url}/{name}"
+    finally:
+        serve.delete(name)
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def openai_error(response: httpx.Response, status: int) -> dict:
+    """Asserts an OpenAI-style error body with this status; returns its "error" object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def stream_texts(client: openai.OpenAI, chat: bool, **request) -> tuple[dict[int, str], dict[int, str], list]:
+    """Each choice's text and finish reason from a stream, and every chunk (for shape checks)."""
+    create = client.chat.completions.create if chat else client.completions.create
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    chunks = list(create(stream=True, **request))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            piece = (choice.delta.content or "") if chat else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + piece
+            if choice.finish_reason:
+                assert choice.index not in finish, "a choice finished twice"
+                finish[choice.index] = choice.finish_reason
+    return texts, finish, chunks
