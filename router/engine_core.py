@@ -173,7 +173,8 @@ class EngineCore:
         seq.sampling.observe(token)
         params = seq.sampling.params
         reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        ends = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        if ends or seq.sampling.grammar_done:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_len:
             reason = "length"

@@ -3,7 +3,8 @@
 Each kind gathers the per-sequence tensors of the rows that use it (a loop over sequences, never over
 tokens), so a batch where nobody asks for one costs nothing. The order is the one transformers'
 processors run in when all are given: logit_bias (its SequenceBias), repetition penalty, then the
-frequency/presence penalties, and the min_tokens mask last, so that a masked end token stays masked.
+frequency/presence penalties, the min_tokens mask, so that a masked end token stays masked, and the
+grammar's mask last.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+
+from router.grammar import TokenMatcher, apply_grammar_masks
 
 
 class SamplingState(Protocol):
@@ -22,6 +25,7 @@ class SamplingState(Protocol):
     suppress_ids: torch.Tensor | None
     bias_ids: torch.Tensor | None
     bias_values: torch.Tensor | None
+    matcher: TokenMatcher | None
 
 
 def _penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
@@ -71,4 +75,4 @@ def process_logits(logits: torch.Tensor, states: list[SamplingState], steps: lis
     ]
     if short:
         logits = _scatter(logits, short, [states[i].suppress_ids for i in short], float("-inf"), add=False)
-    return logits
+    return apply_grammar_masks(logits, [s.matcher for s in states])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from router.grammar import Grammar, TokenMatcher
 from router.logits_processors import process_logits
 
 MASK32 = 0xFFFFFFFF
@@ -34,6 +35,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers' / vLLM's: over prompt and output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # end and stop tokens are masked until this many tokens are generated
+    grammar: Grammar | None = None  # the output must match it (structured outputs)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -79,6 +81,11 @@ class SamplingState:
     suppress_ids: torch.Tensor | None = None
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
+    matcher: TokenMatcher | None = None
+
+    @property
+    def grammar_done(self) -> bool:
+        return self.matcher is not None and self.matcher.done
 
     @classmethod
     def for_request(
@@ -105,12 +112,18 @@ class SamplingState:
             ids, values = zip(*params.logit_bias, strict=True)
             state.bias_ids = torch.tensor(ids, dtype=torch.int64, device=device)
             state.bias_values = torch.tensor(values, dtype=torch.float32, device=device)
+        if params.grammar is not None:
+            state.matcher = params.grammar.matcher()
+            for token in list(prompt_ids)[len(prompt_ids) - params.step_offset :]:
+                state.matcher.accept(token)
         return state
 
     def observe(self, token: int) -> None:
-        """Records a generated token (what the penalties count)."""
+        """Records a generated token (what the penalties count, where the grammar goes next)."""
         if self.counts is not None:
             self.counts[token] += 1
+        if self.matcher is not None:
+            self.matcher.accept(token)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,11 @@ class Tokenizer:
         eos = _config_ids(model_dir / "config.json") + _config_ids(model_dir / "generation_config.json")
         return cls(hf_tokenizer, eos)
 
+    @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        """The transformers tokenizer (what grammar engines build their token tables from)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
 
