@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from cluster.serve.choices import Opened, sampling, usage, without_empty_chunks
-from cluster.serve.messages import GenerateRequest, TokenChunk
+from cluster.serve.messages import GenerateRequest, JsonOutput, TokenChunk
 from cluster.serve.protocol import ChatCompletionRequest
 from cluster.serve.streaming import collect, merge
 
@@ -14,9 +14,14 @@ from cluster.serve.streaming import collect, merge
 def chat_requests(body: ChatCompletionRequest) -> list[GenerateRequest]:
     messages = [m.template_dict() for m in body.messages]
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    form = body.response_format
+    json_output = JsonOutput(form.schema()) if form is not None and form.type != "text" else None
     return [
         GenerateRequest(
-            sampling(body, body.max_new_tokens(), logprobs, i), messages=messages, stop=body.stop_list()
+            sampling(body, body.max_new_tokens(), logprobs, i),
+            messages=messages,
+            stop=body.stop_list(),
+            json_output=json_output,
         )
         for i in range(body.n)
     ]

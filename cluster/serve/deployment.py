@@ -7,17 +7,19 @@ model instances.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.util import get_current_placement_group
 
-from cluster.errors import MaxTokensExceedContext
+from cluster.errors import InvalidRequest, MaxTokensExceedContext
 from cluster.instance.model_instance import ModelInstance
 from cluster.options.serve import ServeOptions
-from cluster.serve.messages import Accepted, GenerateRequest, ModelInfo, TokenChunk, TokenLogprobs
+from cluster.serve.messages import Accepted, GenerateRequest, JsonOutput, ModelInfo, TokenChunk, TokenLogprobs
 from router.engine_core import TokenEvent
+from router.grammar import Grammar, GrammarCompiler
 from router.sampling import SamplingParams
 from router.text_stream import TextStream
 
@@ -29,6 +31,7 @@ class EngineDeployment:
         self.instance = ModelInstance(self.options.engine_config(), get_current_placement_group())
         self.engine = self.instance.engine_loop()
         self.instance.attach_metrics(self.engine, self.options.model_name())
+        self._grammars: GrammarCompiler | None = None
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.instance.core.max_model_len, self.instance.prompts.has_chat_template)
@@ -62,7 +65,8 @@ class EngineDeployment:
                 f"max_model_len is {self.instance.core.max_model_len}: at most {room} can be generated"
             )
         fields["max_tokens"] -= len(done)
-        params = SamplingParams(**fields, step_offset=len(done))
+        grammar = await self._grammar(request.json_output) if request.json_output else None
+        params = SamplingParams(**fields, step_offset=len(done), grammar=grammar)
         events = self.engine.submit(prompt_ids + done, params)
         decode = self.instance.prompts.decode
         yield Accepted(len(prompt_ids), prompt_ids, (decode(prompt_ids) or "") if request.echo else None)
@@ -78,6 +82,18 @@ class EngineDeployment:
                     return
         finally:
             await events.aclose()
+
+    async def _grammar(self, output: JsonOutput) -> Grammar:
+        """Compiled on a worker thread (a large schema takes long), once per schema and replica."""
+        if self._grammars is None:
+            tokenizer = self.instance.prompts.tokenizer
+            if tokenizer is None:
+                raise InvalidRequest("response_format needs the model's tokenizer, and this model has none")
+            core = self.instance.core
+            self._grammars = await asyncio.to_thread(
+                GrammarCompiler, tokenizer.hf, core.config.vocab_size, sorted(core.eos_token_ids)
+            )
+        return await asyncio.to_thread(self._grammars.json, output.schema)
 
     def _logprobs(self, event: TokenEvent) -> TokenLogprobs | None:
         if event.logprob is None:

@@ -38,6 +38,13 @@ class Resume:
 
 
 @dataclass(frozen=True)
+class JsonOutput:
+    """The output must be JSON matching `schema` (None: any JSON object)."""
+
+    schema: dict | None = None
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     sampling: Sampling
     prompt: str | list[int] | None = None
@@ -45,6 +52,7 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)
     resume: Resume | None = None
     echo: bool = False  # Accepted carries the prompt's text
+    json_output: JsonOutput | None = None
 
     def resumed(self, resume: Resume) -> GenerateRequest:
         return replace(self, resume=resume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
+import jsonschema
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -172,11 +173,54 @@ class ChatMessage(BaseModel):
         return out
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: StrictStr = Field(..., min_length=1, max_length=64)
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] = Field(..., alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def check(self) -> None:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise OpenAIError(
+                400,
+                "response_format.json_schema is required with type json_schema, and only then",
+                param="response_format.json_schema",
+            )
+        if self.json_schema is not None:
+            schema = self.json_schema.json_schema
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as err:
+                raise OpenAIError(
+                    400,
+                    f"response_format.json_schema.schema is not a valid JSON schema: {err.message}",
+                    param="response_format.json_schema.schema",
+                ) from None
+
+    def schema(self) -> dict[str, Any] | None:
+        return self.json_schema.json_schema if self.json_schema is not None else None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    response_format: ResponseFormat | None = None
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+
+    def check(self) -> None:
+        super().check()
+        if self.response_format is not None:
+            self.response_format.check()
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
