@@ -79,7 +79,12 @@ def _serve_options(args: argparse.Namespace):
                 raise ValueError(f"{args.config}: 'applications' lists no application")
             loaded = apps[0].get("args") or {}
         values = dict(loaded)
-    flags = {"model": args.model, "served_model_name": args.served_model_name, **engine_flags(args)}
+    flags = {
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+        "tool_call_parser": getattr(args, "tool_call_parser", None),
+        **engine_flags(args),
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     scaling = {
         "min_replicas": args.min_replicas,
@@ -203,6 +208,11 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 def _add_serve_flags(parser: argparse.ArgumentParser, host: str) -> None:
     parser.add_argument("--model", help="model directory on every node (default: the demo model)")
     parser.add_argument("--served-model-name")
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=("auto", "hermes", "trinity"),
+        help="how tool calls are read (default: auto)",
+    )
     add_engine_flags(parser)
     parser.add_argument("--min-replicas", type=int, help="engine replicas (whole model instances)")
     parser.add_argument("--max-replicas", type=int)

@@ -52,7 +52,7 @@ class EngineDeployment:
             prompt_ids = list(resume.prompt_ids)
         else:
             prompt_ids = self.instance.prompts.encode(
-                request.messages if request.messages is not None else request.prompt
+                request.messages if request.messages is not None else request.prompt, request.tools
             )
         done = list(resume.output_ids) if resume else []
         fields = vars(request.sampling).copy()

@@ -69,6 +69,7 @@ class OpenAIIngress:
         self.engine = engine
         self.stream_handle = engine.options(stream=True)
         self.model_name = self.options.model_name()
+        self.tool_parser = self.options.tool_parser()
         configure(self.options.api_keys(), self.options.max_request_bytes)
         start_request_metrics(self.model_name)
 
@@ -123,7 +124,7 @@ class OpenAIIngress:
         opened = await open_streams(self.stream_handle, chat_requests(body))
         shape = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": now(), "model": self.model_name}
         if body.stream:
-            return sse(chat_chunks(body, opened, shape))
-        response = await chat_response(body, opened, shape)
+            return sse(chat_chunks(body, opened, shape, self.tool_parser))
+        response = await chat_response(body, opened, shape, self.tool_parser)
         count_request(200)
         return response

@@ -53,6 +53,7 @@ class GenerateRequest:
     resume: Resume | None = None
     echo: bool = False  # Accepted carries the prompt's text
     json_output: JsonOutput | None = None
+    tools: list[dict] | None = None  # for the chat template
 
     def resumed(self, resume: Resume) -> GenerateRequest:
         return replace(self, resume=resume)

@@ -17,28 +17,13 @@ from pydantic import (
     field_validator,
 )
 
+from cluster.serve.openai_error import OpenAIError
+from cluster.serve.tools.schema import NamedToolChoice, Tool, ToolCallIn, ToolChoice, check_tools
+
+__all__ = ["NamedToolChoice", "OpenAIError", "Tool"]
+
 MAX_N = 16
 MAX_STOP = 4
-
-
-class OpenAIError(Exception):
-    """An error the API reports to the client as {"error": {...}} with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def _number(value: Any) -> Any:
@@ -159,18 +144,44 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: StrictStr | None = None  # tool messages
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
-    def template_dict(self) -> dict[str, Any]:
-        """The message as the chat template reads it."""
+    def template_dict(self, where: str) -> dict[str, Any]:
+        """The message as the chat template reads it; `where` names it in errors (messages.<i>)."""
         out: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [
+                c.template_dict(f"{where}.tool_calls.{i}") for i, c in enumerate(self.tool_calls)
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+def check_tool_turns(messages: list[ChatMessage]) -> None:
+    """Tool calls only on assistant messages; each tool message answers a call made before it."""
+    called: set[str] = set()
+    for i, message in enumerate(messages):
+        if message.tool_calls and message.role != "assistant":
+            raise OpenAIError(
+                400, "only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls"
+            )
+        called.update(c.id for c in message.tool_calls or ())
+        if message.role == "tool" and message.tool_call_id not in called:
+            raise OpenAIError(
+                400,
+                f"messages.{i} is a tool result whose tool_call_id ({message.tool_call_id!r}) matches no "
+                "earlier assistant tool call",
+                param=f"messages.{i}.tool_call_id",
+            )
 
 
 class JsonSchemaFormat(BaseModel):
@@ -216,11 +227,28 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
     def check(self) -> None:
         super().check()
+        check_tool_turns(self.messages)
+        check_tools(self.tools, self.tool_choice)
         if self.response_format is not None:
             self.response_format.check()
+            if self.response_format.type != "text" and self.tool_choice not in (None, "none", "auto"):
+                raise OpenAIError(
+                    400,
+                    "response_format and a forced tool_choice exclude each other",
+                    param="response_format",
+                )
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as chat templates read them (None: no tools, or tool_choice none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
