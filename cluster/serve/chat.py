@@ -38,7 +38,7 @@ def chat_requests(body: ChatCompletionRequest) -> list[GenerateRequest]:
     ]
 
 
-def _reader(body: ChatCompletionRequest, parser: str) -> OutputReader:
+def output_reader(body: ChatCompletionRequest, parser: str) -> OutputReader:
     forced = forced_functions(body.tools, body.tool_choice) is not None
     return OutputReader(parser, body.tool_dicts() is not None, forced)
 
@@ -61,7 +61,7 @@ async def chat_response(
     choices, used = await collect(opened.streams)
     out = []
     for i, chunks in enumerate(choices):
-        reader = _reader(body, parser)
+        reader = output_reader(body, parser)
         deltas = reader.feed("".join(c.text for c in chunks)) + reader.finish()
         choice = {
             "index": i,
@@ -82,7 +82,7 @@ async def chat_chunks(
     body: ChatCompletionRequest, opened: Opened, shape: dict[str, Any], parser: str
 ) -> AsyncIterator[dict]:
     frame = {**shape, "object": "chat.completion.chunk"}
-    readers = [_reader(body, parser) for _ in range(body.n)]
+    readers = [output_reader(body, parser) for _ in range(body.n)]
     held: dict[int, list[TokenChunk]] = {}  # tokens whose text the parser holds (logprobs go with it later)
     for index in range(body.n):
         start = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}

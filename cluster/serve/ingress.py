@@ -25,6 +25,7 @@ from cluster.serve.protocol import (
     error_from_validation,
     now,
 )
+from cluster.serve.responses import ResponsesRequest, responses_events, responses_response, responses_shape
 from cluster.serve.streaming import sse
 
 log = logging.getLogger(__name__)
@@ -126,5 +127,17 @@ class OpenAIIngress:
         if body.stream:
             return sse(chat_chunks(body, opened, shape, self.tool_parser))
         response = await chat_response(body, opened, shape, self.tool_parser)
+        count_request(200)
+        return response
+
+    @app.post("/v1/responses")
+    async def responses(self, body: ResponsesRequest):
+        self._check_model(body.model)
+        chat = body.as_chat()
+        opened = await open_streams(self.stream_handle, chat_requests(chat))
+        shape = responses_shape(body, self.model_name)
+        if body.stream:
+            return sse(responses_events(chat, opened, shape, self.tool_parser))
+        response = await responses_response(chat, opened, shape, self.tool_parser)
         count_request(200)
         return response
