@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import pytest
 from ray import serve
 
 from tests.conftest import deploy_app
@@ -63,3 +64,22 @@ def stream_texts(client: openai.OpenAI, chat: bool, **request) -> tuple[dict[int
                 assert choice.index not in finish, "a choice finished twice"
                 finish[choice.index] = choice.finish_reason
     return texts, finish, chunks
+
+
+# The fixtures below use the `api_url` fixture of the module that imports them (one app per module).
+
+
+@pytest.fixture(scope="module")
+def client(api_url: str) -> openai.OpenAI:
+    return openai_client(api_url)
+
+
+@pytest.fixture(scope="module")
+def http(api_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=120) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def model_name(http: httpx.Client) -> str:
+    return http.get("/v1/models").json()["data"][0]["id"]

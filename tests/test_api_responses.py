@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
-from tests.api_helpers import app_options, openai_client, openai_error, served
+from tests.api_helpers import app_options, client, http, model_name, openai_error, served
 
 TOOL = {
     "type": "function",
@@ -28,22 +26,6 @@ TOOL = {
 def api_url(serve_http, demo_model) -> Iterator[str]:
     with served(serve_http, "responses", app_options(demo_model)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(api_url) -> openai.OpenAI:
-    return openai_client(api_url)
-
-
-@pytest.fixture(scope="module")
-def http(api_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=120) as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def model_name(http) -> str:
-    return http.get("/v1/models").json()["data"][0]["id"]
 
 
 def test_text_response_equals_the_chat_completion(client, model_name):

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import torch
 import transformers
 
 from router.tokenizer import Tokenizer
-from tests.api_helpers import app_options, openai_client, openai_error, served, stream_texts
+from tests.api_helpers import (
+    app_options,
+    client,
+    http,
+    model_name,
+    openai_error,
+    served,
+    stream_texts,
+)
 
 PROMPT = "A computer program"  # greedy runs long without an end token
 EOS_PROMPT = "The harbour"  # greedy ends with an end token well before 100 tokens
@@ -25,22 +32,6 @@ EOS_PROMPT = "The harbour"  # greedy ends with an end token well before 100 toke
 def api_url(serve_http, demo_model) -> Iterator[str]:
     with served(serve_http, "sampling", app_options(demo_model)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(api_url):
-    return openai_client(api_url)
-
-
-@pytest.fixture(scope="module")
-def http(api_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=60) as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def model_name(http) -> str:
-    return http.get("/v1/models").json()["data"][0]["id"]
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
 from router.tokenizer import Tokenizer
-from tests.api_helpers import app_options, openai_client, openai_error, served, stream_texts
+from tests.api_helpers import (
+    app_options,
+    client,
+    http,
+    model_name,
+    openai_error,
+    served,
+    stream_texts,
+)
 from tests.json_schemas import SCHEMAS
 
 CHAT = [{"role": "user", "content": "Describe it as JSON"}]
@@ -21,22 +27,6 @@ CHAT = [{"role": "user", "content": "Describe it as JSON"}]
 def api_url(serve_http, demo_model) -> Iterator[str]:
     with served(serve_http, "structured", app_options(demo_model, max_model_len=512)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(api_url) -> openai.OpenAI:
-    return openai_client(api_url)
-
-
-@pytest.fixture(scope="module")
-def http(api_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=120) as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def model_name(http) -> str:
-    return http.get("/v1/models").json()["data"][0]["id"]
 
 
 def _format(index: int) -> dict:

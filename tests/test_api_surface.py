@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
 
-from tests.api_helpers import app_options, openai_client, openai_error, served, stream_texts
+from tests.api_helpers import (
+    app_options,
+    client,
+    http,
+    model_name,
+    openai_error,
+    served,
+    stream_texts,
+)
 
 MAX_MODEL_LEN = 128
 PROMPTS = ["A computer program", "The harbour", "Once"]
@@ -21,22 +28,6 @@ CHAT = [{"role": "user", "content": "Tell me a story"}]
 def api_url(serve_http, demo_model) -> Iterator[str]:
     with served(serve_http, "surface", app_options(demo_model, max_model_len=MAX_MODEL_LEN)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(api_url) -> openai.OpenAI:
-    return openai_client(api_url)
-
-
-@pytest.fixture(scope="module")
-def http(api_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=60) as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def model_name(http) -> str:
-    return http.get("/v1/models").json()["data"][0]["id"]
 
 
 def _greedy(client, model_name, prompt, **fields) -> openai.types.Completion:

@@ -7,13 +7,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
 from cluster.instance.prompts import PromptEncoder
-from tests.api_helpers import app_options, openai_client, openai_error, served
+from tests.api_helpers import app_options, client, http, model_name, openai_error, served
 
 HERMES_TEMPLATE = """{{ bos_token }}
 {%- if tools %}<|im_start|>system
@@ -82,22 +80,6 @@ def api_url(serve_http, tool_model) -> Iterator[str]:
     options = app_options(tool_model, max_model_len=1024, tool_call_parser="hermes")
     with served(serve_http, "tools", options) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(api_url) -> openai.OpenAI:
-    return openai_client(api_url)
-
-
-@pytest.fixture(scope="module")
-def http(api_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=120) as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def model_name(http) -> str:
-    return http.get("/v1/models").json()["data"][0]["id"]
 
 
 def _assert_valid_calls(calls, names: set[str]) -> None:

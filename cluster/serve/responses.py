@@ -19,6 +19,7 @@ from cluster.serve.protocol import ChatCompletionRequest, Number, error_from_val
 from cluster.serve.streaming import collect, merge
 from cluster.serve.tools.output import OutputReader
 from cluster.serve.tools.parsers import ToolCall
+from cluster.serve.tools.schema import FunctionDef, FunctionName
 
 
 class TextContent(BaseModel):
@@ -56,21 +57,14 @@ class FunctionCallOutputItem(BaseModel):
     output: StrictStr
 
 
-class FunctionTool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionTool(FunctionDef):
+    """Responses' flat tool: the chat function's fields beside the type."""
 
     type: Literal["function"]
-    name: StrictStr
-    description: StrictStr | None = None
-    parameters: dict[str, Any] | None = None
-    strict: StrictBool | None = None
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NamedFunction(FunctionName):
     type: Literal["function"]
-    name: StrictStr
 
 
 class ResponsesRequest(BaseModel):
