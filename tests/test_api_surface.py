@@ -75,7 +75,7 @@ def test_echo_puts_the_prompt_before_the_text(client, model_name, stream):
 @pytest.mark.parametrize("echo", [False, True])
 def test_logprobs_have_text_offsets_and_include_the_sampled_token(client, model_name, stream, echo):
     request = dict(model=model_name, prompt=PROMPTS[0], max_tokens=10, temperature=1.0, seed=3, logprobs=2)
-    request["echo"] = echo
+    request |= {"echo": echo, "extra_body": {"ignore_eos": True}}
     if stream:
         chunks = list(client.completions.create(stream=True, **request))
         text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -91,7 +91,7 @@ def test_logprobs_have_text_offsets_and_include_the_sampled_token(client, model_
     start = len(PROMPTS[0]) if echo else 0
     assert offsets[0] == start and offsets == sorted(offsets) and offsets[-1] <= len(text)
     for token, top in zip(tokens, tops, strict=True):
-        assert token in top and 2 <= len(top) <= 3
+        assert token in top and len(top) <= 3  # distinct ids can decode alike (partial UTF-8)
 
 
 def test_a_model_can_be_retrieved_by_id(client, model_name):
