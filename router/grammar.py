@@ -32,18 +32,15 @@ class Grammar:
 
 class TokenMatcher:
     def __init__(self, matcher: Any, allowed: torch.Tensor) -> None:
-        self._matcher = matcher
+        self.xgr_matcher = matcher
         self.allowed = allowed
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
-
     def accept(self, token: int) -> bool:
-        return bool(self._matcher.accept_token(token))
+        return bool(self.xgr_matcher.accept_token(token))
 
     @property
     def done(self) -> bool:
-        return bool(self._matcher.is_terminated())
+        return bool(self.xgr_matcher.is_terminated())
 
 
 class GrammarCompiler:
@@ -97,14 +94,16 @@ def _without_control_bytes(decoded_vocab: list[bytes], vocab_size: int) -> torch
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
 
 
+_BATCH = xgr.BatchGrammarMatcher(max_threads=1)  # fills a whole batch's masks in one call
+
+
 def apply_grammar_masks(logits: torch.Tensor, matchers: list[TokenMatcher | None]) -> torch.Tensor:
     """Masks the tokens each constrained row's grammar forbids, for all those rows in one pass."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
-    for i in rows:
-        matchers[i].fill(bitmask, i)
+    _BATCH.batch_fill_next_token_bitmask([matchers[i].xgr_matcher for i in rows], bitmask, indices=rows)
     index = torch.tensor(rows)
     bitmask[index] &= torch.stack([matchers[i].allowed for i in rows])
     logits = logits.clone()
