@@ -8,7 +8,7 @@ benchmarks/serving.py, cycled), greedy decoding and max_tokens:
   serving:               the OpenAI HTTP API on Ray Serve (one engine replica), C concurrent streaming
                          clients sending the same N prompts (benchmarks/serving.py's client)
 
-    python benchmarks/batch.py [--records 256] [--max-tokens 32] [--clients 64] [--expert-shards 1]
+    python -m benchmarks.batch [--records 256] [--max-tokens 32] [--clients 64] [--expert-shards 1]
                                [--model-path DIR] [--json PATH]
 """
 
@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serving import PROMPTS, discover_model, free_port, run_phase  # the serving benchmark's client
+from benchmarks.results import BenchmarkRun
+from benchmarks.serving import PROMPTS, discover_model, free_port, run_phase  # the serving benchmark's client
 
 MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 64
@@ -58,11 +58,14 @@ def run_batch_phase(args: argparse.Namespace, model: Path, records: Path, replic
         input=records,
         output=records.with_name(f"out-{replicas}.jsonl"),
         model=model,
-        expert_shards=args.expert_shards,
         replicas=replicas,
         max_tokens=args.max_tokens,
         overwrite=True,
-        engine_options={"max_num_seqs": MAX_NUM_SEQS, "max_model_len": MAX_MODEL_LEN},
+        engine_options={
+            "expert_shards": args.expert_shards,
+            "max_num_seqs": MAX_NUM_SEQS,
+            "max_model_len": MAX_MODEL_LEN,
+        },
         progress_interval_s=30,
     )
     progress = run_batch(options)
@@ -153,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--expert-shards", type=int, default=1)
     parser.add_argument("--model-path", help="model directory (default: the demo model)")
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     return parser.parse_args(argv)
 
 
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.demo import demo_model_path
 
     args = parse_args(argv)
+    run = BenchmarkRun("batch", args)
     model = Path(args.model_path) if args.model_path else demo_model_path()
     load_before = os.getloadavg()[0]
     os.environ.pop("RAY_ADDRESS", None)
@@ -187,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs; "
         "tokens/s counts from the moment the engines are up"
     )
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    run.write({"model": model.name, "rows": [asdict(r) for r in rows]}, args.json)
     return 0 if not any(r.failed for r in rows) else 1
 
 

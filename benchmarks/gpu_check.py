@@ -6,18 +6,19 @@
     top-4, random bf16 weights): expert compute time for 1..512 routed tokens against the HBM roofline
     (bytes of the touched experts' weights / HBM bandwidth) and the bf16 FLOP roofline;
 (c) the NCCL transport at world size 1 (the code path runs end to end) and the NCCL version.
-Prints a table; writes JSON (--json). Usage: python benchmarks/gpu_check.py --json out.json
+Prints a table; writes JSON under benchmarks/results/ (or --json PATH). Usage: python -m benchmarks.gpu_check
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results import BenchmarkRun
 
 HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 989e12  # H200 dense bf16
@@ -126,8 +127,9 @@ def nccl_world_one() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args()
+    run = BenchmarkRun("gpu_check", args)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     result["parity"] = parity()
     result["experts"] = expert_rooflines()
@@ -149,8 +151,7 @@ def main() -> None:
         f"(c) NCCL {n['nccl_version']}: world-size-1 round trip ok={n['round_trip_ok']}, "
         f"all_to_all {n['all_to_all_us']:.1f} us"
     )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    run.write(result, args.json)
 
 
 if __name__ == "__main__":

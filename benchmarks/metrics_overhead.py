@@ -15,7 +15,7 @@ in the machine's load hits both. The measure is tokens per CPU second of the pro
 from turn to turn, CPU time much less. Wall-clock tokens/s are reported too. The ratio of the medians
 is the overhead. Target: metrics on at most 3% slower.
 
-    python benchmarks/metrics_overhead.py [--prompts 16] [--new-tokens 64] [--rounds 6] [--shards 1]
+    python -m benchmarks.metrics_overhead [--prompts 16] [--new-tokens 64] [--rounds 6] [--shards 1]
                                           [--expert-layer-metrics] [--skip-engines] [--json PATH]
 """
 
@@ -34,19 +34,13 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks.results import BenchmarkRun
 from cluster.demo import write_afmoe_checkpoint
 from cluster.engine import Engine
 from cluster.metrics.engine import EngineMetrics
-from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
-from experts.shard import ExpertShard
-from router.config import ModelConfig
-from router.engine_core import EngineCore, default_cache_bytes
-from router.exchange import LocalExperts
-from router.kv_cache import KVCache
+from router.engine_core import EngineCore
 from router.sampling import SamplingParams
-from router.scheduler import SchedulerConfig
-from router.weights import load_router_model
+from tests.toolkit import local_core
 
 MODEL_CONFIG: dict = {
     "hidden_size": 512,
@@ -92,21 +86,6 @@ def timed(engine: Engine, batch: list[list[int]], new_tokens: int) -> tuple[floa
     wall, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu
     assert all(len(c.token_ids) == new_tokens for c in out)
     return len(batch) * new_tokens / cpu, len(batch) * new_tokens / wall
-
-
-def local_core(model_dir: Path, shards: int, max_num_seqs: int) -> EngineCore:
-    config = ModelConfig.from_model_dir(model_dir)
-    reader = CheckpointReader(model_dir)
-    cpu, dtype = torch.device("cpu"), torch.float32
-    placement = ExpertPlacement(config.num_experts, shards)
-    loaded = [
-        ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)
-    ]
-    cache_bytes = default_cache_bytes(config, max_num_seqs, 512, 16, dtype)
-    cache = KVCache(config, cache_bytes, max_num_seqs, 16, dtype, cpu)
-    model = load_router_model(reader, config, dtype, cpu)
-    scheduler = SchedulerConfig(max_num_seqs, 2048, 512, 1024)
-    return EngineCore(config, model, cache, LocalExperts(loaded, placement), scheduler)
 
 
 def loop_tokens_per_s(
@@ -182,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=1, help="expert actors per engine")
     parser.add_argument("--expert-layer-metrics", action="store_true", help="also per (layer, expert)")
     parser.add_argument("--skip-engines", action="store_true", help="only the in-process router loop")
-    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
+    run = BenchmarkRun("metrics_overhead", args)
 
     ray.init(num_cpus=2 * (1 + args.shards), include_dashboard=False, log_to_driver=False)
     result: dict = {"prompts": args.prompts, "new_tokens": args.new_tokens, "rounds": args.rounds}
@@ -191,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         model = write_afmoe_checkpoint(Path(tmp) / "model", MODEL_CONFIG, seed=3)
         batch = prompts(args.prompts, json.loads((model / "config.json").read_text())["vocab_size"])
         torch.set_num_threads(1)  # as the router actor runs (limit_threads)
-        core = local_core(model, args.shards, args.prompts)
+        core = local_core(
+            model, args.shards, args.prompts, max_model_len=512, max_num_batched_tokens=2048, max_waiting=1024
+        )
         metrics = EngineMetrics(
             core, "bench", "in-process", lambda: True, lambda: 0, args.expert_layer_metrics
         )
@@ -230,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 for engine in engines.values():
                     engine.shutdown()
     ray.shutdown()
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    run.write(result, args.json)
     return 0
 
 

@@ -12,7 +12,7 @@ ratio of output tokens/s (B over A) is what continuous batching buys; the target
 By default the benchmark starts its own local Ray and Serve on 127.0.0.1 with the demo model (1 expert shard)
 and shuts them down afterwards; `--url` targets a server that is already running instead.
 
-    python benchmarks/serving.py [--clients 16] [--requests 4] [--serial-requests 8] [--max-tokens 64]
+    python -m benchmarks.serving [--clients 16] [--requests 4] [--serial-requests 8] [--max-tokens 64]
                                  [--url http://127.0.0.1:8000] [--model NAME] [--json PATH]
 """
 
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from benchmarks.results import BenchmarkRun
 
 TARGET_RATIO = 4.0
 PROMPTS = [
@@ -270,7 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--expert-shards", type=int, default=1, help="self-started server only")
     parser.add_argument("--model-path", help="model directory for the self-started server (default: demo)")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     for name in ("clients", "requests", "serial_requests", "max_tokens", "expert_shards"):
         if getattr(args, name) < 1:
@@ -280,6 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    run = BenchmarkRun("serving", args)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     if args.url:
@@ -319,18 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         f"wall time of the whole run: {wall:.1f} s (load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs)"
     )
-    if args.json:
-        report = {
-            "where": where,
-            "model": model,
-            "max_tokens": args.max_tokens,
-            "phases": [asdict(p) for p in phases],
-            "ratio_output_tokens_per_s": ratio,
-            "target_ratio": TARGET_RATIO,
-            "target_met": met,
-            "wall_s": wall,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    report = {
+        "where": where,
+        "model": model,
+        "max_tokens": args.max_tokens,
+        "phases": [asdict(p) for p in phases],
+        "ratio_output_tokens_per_s": ratio,
+        "target_ratio": TARGET_RATIO,
+        "target_met": met,
+        "wall_s": wall,
+    }
+    run.write(report, args.json)
     return 0 if not (serial.failed or concurrent.failed) else 1
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from ray import serve
 
-from tests.conftest import deploy_app
+from tests.conftest import served_app as served
+from tests.toolkit import openai_error
+
+__all__ = ["openai_error", "served"]
 
 
 def app_options(demo_model, **overrides) -> dict:
@@ -26,28 +27,8 @@ def app_options(demo_model, **overrides) -> dict:
     }
 
 
-@contextlib.contextmanager
-def served(base_url: str, name: str, options: dict) -> Iterator[str]:
-    """The real app deployed at /<name> for the duration; yields its URL."""
-    deploy_app(name, options)
-    try:
-        yield f"{base_url}/{name}"
-    finally:
-        serve.delete(name)
-
-
 def openai_client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def openai_error(response: httpx.Response, status: int) -> dict:
-    """Asserts an OpenAI-style error body with this status; returns its "error" object."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["message"]
-    return body["error"]
 
 
 def stream_texts(client: openai.OpenAI, chat: bool, **request) -> tuple[dict[int, str], dict[int, str], list]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import ray
 import torch
 
 from cluster.demo import write_afmoe_checkpoint, write_demo_model
+
+# The "api" Serve app's fixtures (api_url, http, client, model_name, engine, tokenizer), module-scoped.
+pytest_plugins = ["tests.serve_api_app"]
 
 # Small AFMoE configs covering the architecture's switches (see test_parity.py for which is which).
 PARITY_CONFIGS: dict[str, dict] = {
@@ -64,6 +69,18 @@ PARITY_CONFIGS: dict[str, dict] = {
         tie_word_embeddings=False,
     ),
 }
+
+
+@pytest.fixture(scope="module")
+def one_compute_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_compute_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +155,27 @@ def deploy_app(name: str, options: dict):
 
     serve.run(build_app(options), name=name, route_prefix=f"/{name}")
     return f"/{name}"
+
+
+def small_app(model: Path, **options: object) -> dict:
+    """ServeOptions for a small app of `model` on this machine: half a CPU per router and expert actor."""
+    return {"model": str(model), "router_cpus": 0.5, "expert_cpus": 0.5, **options}
+
+
+@contextlib.contextmanager
+def served_app(base_url: str, name: str, options: dict) -> Iterator[str]:
+    """The real app deployed at /<name> for the duration; yields its URL."""
+    from ray import serve
+
+    deploy_app(name, options)
+    try:
+        yield f"{base_url}/{name}"
+    finally:
+        serve.delete(name)
+
+
+def served_model(url: str) -> str:
+    """The model name an app serves (the first of /v1/models)."""
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]

@@ -20,6 +20,7 @@ from ray.serve._private.common import ReplicaState
 from ray.util.state import list_actors
 
 from tests.conftest import deploy_app
+from tests.toolkit import wait_for
 
 APP = "scale"
 ENGINE = "MoEEngine"
@@ -79,7 +80,7 @@ class Load:
                 except Exception as err:
                     with self.lock:
                         self.errors.append(f"client {index}: {type(err).__name__}: {err}")
-                    time.sleep(0.5)
+                    self.stop.wait(0.5)  # back off after an error, unless told to stop
 
     def finish(self) -> None:
         self.stop.set()
@@ -104,15 +105,17 @@ def expert_actors_of_app() -> tuple[int, int]:
     return len(replicas), len(experts)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, timeline: list) -> float:
+def settle(condition: Callable[[], bool], timeout: float, what: str, timeline: list) -> float:
+    """Seconds until `condition` held, recording (t, running replicas) on the way; fails after `timeout`."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        replicas = running_replicas()
-        timeline.append((round(time.monotonic() - start, 1), replicas))
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.5)
-    pytest.fail(f"{what} not reached within {timeout} s; (t, running replicas): {timeline[-40:]}")
+
+    def polled() -> bool:
+        timeline.append((round(time.monotonic() - start, 1), running_replicas()))
+        return condition()
+
+    if not wait_for(polled, timeout, interval=0.5):
+        pytest.fail(f"{what} not reached within {timeout} s; (t, running replicas): {timeline[-40:]}")
+    return time.monotonic() - start
 
 
 def test_engine_scales_out_under_load_and_back_in(serve_http, demo_model):
@@ -141,10 +144,13 @@ def test_engine_scales_out_under_load_and_back_in(serve_http, demo_model):
 
         load.start()
         timeline: list = []
-        up_after = wait_for(lambda: running_replicas() == 2, SCALE_TIMEOUT_S, "2 RUNNING replicas", timeline)
+        up_after = settle(lambda: running_replicas() == 2, SCALE_TIMEOUT_S, "2 RUNNING replicas", timeline)
         # A whole second model instance: a second router replica with its own expert actor.
         assert expert_actors_of_app() == (2, 2)
-        time.sleep(2)  # both instances serve while the load lasts
+        with load.lock:
+            at_scale_out = load.tokens
+        # both instances serve while the load lasts
+        assert wait_for(lambda: load.tokens > at_scale_out, 60), load.errors[:5]
         with load.lock:
             tokens_under_load = load.tokens
         assert running_replicas() == 2
@@ -154,7 +160,7 @@ def test_engine_scales_out_under_load_and_back_in(serve_http, demo_model):
         assert not load.errors, load.errors[:5]
 
         timeline = []
-        down_after = wait_for(
+        down_after = settle(
             lambda: running_replicas() == 1 and expert_actors_of_app() == (1, 1),
             SCALE_TIMEOUT_S,
             "back to 1 replica with 1 expert actor",
@@ -172,7 +178,5 @@ def test_engine_scales_out_under_load_and_back_in(serve_http, demo_model):
         load.finish()
         serve.delete(APP)
     assert APP not in serve.status().applications
-    deadline = time.monotonic() + 30
-    while expert_actors_of_app() != (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for(lambda: expert_actors_of_app() == (0, 0), 30, interval=0.5)
     assert expert_actors_of_app() == (0, 0), "actors of the deleted app are still alive"

@@ -30,6 +30,7 @@ from cluster.engine import Engine
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
 from tests.conftest import free_port
+from tests.toolkit import wait_for
 
 CLI = Path(sys.executable).with_name("moe-cluster")
 RAY = Path(sys.executable).with_name("ray")
@@ -187,11 +188,13 @@ def test_sigkill_mid_way_then_the_same_command_completes_exactly_once(
             stderr=log,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if out.exists() and out.read_bytes().count(b"\n") >= KILL_AFTER_LINES:
-                break
-            time.sleep(0.1)
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or (out.exists() and out.read_bytes().count(b"\n") >= KILL_AFTER_LINES)
+            ),
+            300,
+        )
         still_running = proc.poll() is None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -240,9 +243,7 @@ def stop_processes(pgid: int, marker: str) -> None:
         for pid in [pgid, *pids_naming(marker)]:
             with contextlib.suppress(ProcessLookupError):
                 (os.killpg if pid == pgid else os.kill)(pid, sig)
-        deadline = time.monotonic() + 5
-        while pids_naming(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: not pids_naming(marker), 5, interval=0.5)
 
 
 def pids_naming(marker: str) -> list[int]:

@@ -11,6 +11,7 @@ from transformers import AfmoeConfig, AfmoeForCausalLM
 from experts.checkpoint import CheckpointError, CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
+from tests.toolkit import tiny_config
 
 NUM_EXPERTS = 10
 TOP_K = 3
@@ -27,21 +28,11 @@ class Checkpoints:
 
 def _config() -> AfmoeConfig:
     return AfmoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_dense_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=NUM_EXPERTS,
-        num_experts_per_tok=TOP_K,
-        num_shared_experts=1,
-        sliding_window=4,
-        global_attn_every_n_layers=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **tiny_config(
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     )
 
 

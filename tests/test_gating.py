@@ -5,14 +5,7 @@ from transformers.models.afmoe.modeling_afmoe import AfmoeTokenChoiceRouter
 
 from router.gating import GATING, afmoe_sigmoid_topk, softmax_topk
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _reference_router(num_experts: int, k: int, route_scale: float) -> AfmoeTokenChoiceRouter:

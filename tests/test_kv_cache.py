@@ -3,37 +3,23 @@ import torch
 
 from router.config import ModelConfig
 from router.kv_cache import FULL, SLIDING, BlockAllocator, KVCache, SequenceBlocks
+from tests.toolkit import tiny_config
 
 KV_HEADS, HEAD_DIM = 2, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _config(layer_types: list[str], window: int = 5) -> ModelConfig:
     return ModelConfig.from_dict(
-        {
-            "architectures": ["AfmoeForCausalLM"],
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "moe_intermediate_size": 16,
-            "num_hidden_layers": len(layer_types),
-            "num_dense_layers": 1,
-            "num_attention_heads": 4,
-            "num_key_value_heads": KV_HEADS,
-            "head_dim": HEAD_DIM,
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "sliding_window": window,
-            "layer_types": layer_types,
-        }
+        tiny_config(
+            num_hidden_layers=len(layer_types),
+            num_key_value_heads=KV_HEADS,
+            head_dim=HEAD_DIM,
+            sliding_window=window,
+            layer_types=layer_types,
+        )
     )
 
 

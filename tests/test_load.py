@@ -12,30 +12,34 @@ accepted and refused later.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import threading
 import time
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-import ray
 import torch
 from ray import serve
 
-from cluster.instance.engine_loop import EngineLoop
+from cluster.instance.engine_loop import EngineLoop, LoopCore
 from router.config import ModelConfig
 from router.errors import QueueFull
 from router.kv_cache import KVCache
 from router.sampling import SamplingParams
-from router.scheduler import Scheduler, SchedulerConfig
 from router.tokenizer import Tokenizer
-from tests.conftest import deploy_app
+from tests.conftest import served_app, served_model
+from tests.toolkit import (
+    Stream,
+    StubCore,
+    astream_completion,
+    experts_in,
+    record_result,
+    replica_actor,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -65,89 +69,11 @@ def load_prompt(client: int, request: int) -> str:
     return f"{SUBJECTS[client % len(SUBJECTS)]} {client} {request % 7}"
 
 
-@dataclass
-class Result:
-    status: int = 0
-    chunks: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-    errors: list[str] = field(default_factory=list)
-    done: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-    body: dict | None = None  # the JSON body of a refused request
-
-    @property
-    def complete(self) -> bool:
-        return (
-            self.status == 200
-            and self.done
-            and not self.errors
-            and self.finish_reason in ("stop", "length")
-            and self.completion_tokens == len(self.chunks)
-        )
-
-
-async def stream_completion(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
-    out = Result()
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    try:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            out.status, out.headers = response.status_code, dict(response.headers)
-            if response.status_code != 200:
-                raw = await response.aread()
-                try:
-                    out.body = json.loads(raw)
-                except ValueError:
-                    out.errors.append(raw.decode(errors="replace"))
-                return out
-            async for line in response.aiter_lines():
-                if not line:
-                    continue
-                if not line.startswith("data: "):
-                    out.errors.append(f"not an SSE data line: {line!r}")
-                    continue
-                payload = line[len("data: ") :]
-                if payload == "[DONE]":
-                    out.done = True
-                    continue
-                chunk = json.loads(payload)
-                if "error" in chunk or out.done:
-                    out.errors.append(payload)
-                    continue
-                if chunk.get("usage"):
-                    out.completion_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk["choices"]:
-                    if out.finish_reason is not None:
-                        out.errors.append(f"a chunk after the finishing one: {payload}")
-                    out.chunks.append(choice["text"])
-                    out.finish_reason = choice["finish_reason"]
-    except httpx.HTTPError as err:
-        out.errors.append(f"{type(err).__name__}: {err}")
-    return out
-
-
 def engine_pids(app: str) -> dict[str, int]:
     """The engine replica's process and its expert actors' processes (those in its placement group)."""
-    from ray.util.state import list_actors
-
-    address = ray.get_runtime_context().gcs_address
-    alive = ("state", "=", "ALIVE")
-    [replica] = list_actors(
-        address=address, filters=[("class_name", "=", f"ServeReplica:{app}:MoEEngine"), alive], detail=True
-    )
-    experts = list_actors(address=address, filters=[("class_name", "=", "ExpertActor"), alive], detail=True)
+    replica = replica_actor(app)
     pids = {"replica": replica.pid}
-    for a in experts:
-        if a.placement_group_id == replica.placement_group_id:
-            [bundle] = {m.group(1) for r in a.required_resources if (m := re.match(r"CPU_group_(\d+)_", r))}
-            pids[f"expert{bundle}"] = a.pid
+    pids.update({f"expert{bundle}": pid for bundle, pid in experts_in(replica.placement_group_id).items()})
     assert len(pids) == 1 + OPTIONS["expert_shards"], pids
     return pids
 
@@ -199,23 +125,17 @@ class Sampler:
 
 @pytest.fixture(scope="module")
 def load_url(serve_http, demo_model) -> Iterator[str]:
-    deploy_app(APP, {"model": str(demo_model), **OPTIONS})
-    try:
-        yield f"{serve_http}/{APP}"
-    finally:
-        serve.delete(APP)
+    with served_app(serve_http, APP, {"model": str(demo_model), **OPTIONS}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def model_name(load_url) -> str:
-    return httpx.get(f"{load_url}/v1/models", timeout=60).json()["data"][0]["id"]
+    return served_model(load_url)
 
 
 def record(key: str, value: object) -> None:
-    data = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.exists() else {}
-    data[key] = value
-    RESULTS_PATH.write_text(json.dumps(data, indent=2))
-    print(f"\n[load] {key}: {json.dumps(value)}")
+    record_result(RESULTS_PATH, key, value)
 
 
 def test_kv_budget_holds_every_load_stream(demo_model):
@@ -237,7 +157,7 @@ def test_kv_budget_holds_every_load_stream(demo_model):
 SLOTS = 4
 
 
-class _QueueOnlyCore:
+class _QueueOnlyCore(StubCore):
     """An EngineCore that only queues, in a real Scheduler, and never steps (nothing leaves the queue).
 
     Its add_request takes a few milliseconds before the sequence reaches the queue, as the real one's
@@ -245,27 +165,28 @@ class _QueueOnlyCore:
     """
 
     def __init__(self) -> None:
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=SLOTS, max_waiting=MAX_WAITING), cache=None)
-        self.experts = types.SimpleNamespace(heartbeat=lambda: None)
-
-    def validate(self, prompt_ids, params) -> None:
-        pass
+        super().__init__(max_num_seqs=SLOTS, max_waiting=MAX_WAITING)
+        self.failed = 0  # add_request calls that raised (the engine loop then fails that one request)
 
     def add_request(self, prompt_ids, params, request_id=None) -> str:
-        time.sleep(0.005)
-        self.scheduler.add(types.SimpleNamespace(request_id=request_id, blocks=None))
+        time.sleep(0.005)  # the work itself, not a wait for something
+        try:
+            self.scheduler.add(types.SimpleNamespace(request_id=request_id, blocks=None))
+        except Exception:
+            self.failed += 1
+            raise
         return request_id
 
-    def abort(self, request_id) -> None:
-        pass
-
-    def has_work(self) -> bool:
-        return False
+    def handled(self) -> int:
+        """Requests that reached this core, queued or failed."""
+        return len(self.scheduler.waiting) + len(self.scheduler.running) + self.failed
 
 
 def test_a_request_accepted_is_never_refused_afterwards():
     """submit() either refuses (QueueFull, the ingress's 429) or the request is queued: never both."""
-    engine = EngineLoop(_QueueOnlyCore())
+    core = _QueueOnlyCore()
+    assert isinstance(core, LoopCore)
+    engine = EngineLoop(core)
 
     async def run() -> tuple[int, int, int]:
         accepted, refused = [], 0
@@ -275,7 +196,8 @@ def test_a_request_accepted_is_never_refused_afterwards():
             except QueueFull:
                 refused += 1
             await asyncio.sleep(0.001)
-        await asyncio.sleep(0.5)
+        queued = len(accepted)
+        assert wait_for(lambda: core.handled() == queued, 30), "accepted requests never reached the core"
         dropped = 0
         for stream in accepted:
             try:
@@ -298,12 +220,12 @@ def test_a_request_accepted_is_never_refused_afterwards():
 def test_simultaneous_requests_within_free_sequence_slots_are_all_admitted(load_url, model_name):
     """64 clients starting together on an idle engine: within max_num_seqs, so none is a queue overflow."""
 
-    async def run() -> list[Result]:
+    async def run() -> list[Stream]:
         limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
         async with httpx.AsyncClient(base_url=load_url, timeout=HTTP_TIMEOUT, limits=limits) as http:
             prompts = [load_prompt(i, 0) for i in range(CLIENTS)]
             return await asyncio.gather(
-                *(stream_completion(http, model_name, p, LOAD_TOKENS) for p in prompts)
+                *(astream_completion(http, model_name, p, LOAD_TOKENS) for p in prompts)
             )
 
     assert engine_handle().record_autoscaling_stats.remote().result(timeout_s=60)["ongoing_sequences"] == 0
@@ -327,15 +249,15 @@ def test_64_streams_for_a_minute_without_errors_in_bounded_memory(load_url, mode
         request = 0
         while time.monotonic() < deadline:
             results.append(
-                await stream_completion(http, model_name, load_prompt(index, request), LOAD_TOKENS)
+                await astream_completion(http, model_name, load_prompt(index, request), LOAD_TOKENS)
             )
             request += 1
 
-    async def run() -> list[list[Result]]:
+    async def run() -> list[list[Stream]]:
         limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
         async with httpx.AsyncClient(base_url=load_url, timeout=HTTP_TIMEOUT, limits=limits) as http:
             deadline = time.monotonic() + DURATION_S
-            per_client: list[list[Result]] = [[] for _ in range(CLIENTS)]
+            per_client: list[list[Stream]] = [[] for _ in range(CLIENTS)]
             await asyncio.gather(*(client(http, i, deadline, per_client[i]) for i in range(CLIENTS)))
             return per_client
 
@@ -384,9 +306,9 @@ def test_64_streams_for_a_minute_without_errors_in_bounded_memory(load_url, mode
     assert all(per_client), "a client never completed a request"
 
 
-async def _one(url: str, model: str, prompt: str, max_tokens: int) -> Result:
+async def _one(url: str, model: str, prompt: str, max_tokens: int) -> Stream:
     async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT) as http:
-        return await stream_completion(http, model, prompt, max_tokens)
+        return await astream_completion(http, model, prompt, max_tokens)
 
 
 # ------------------------------------------------------------------------------------------------- burst
@@ -394,11 +316,11 @@ async def _one(url: str, model: str, prompt: str, max_tokens: int) -> Result:
 
 @pytest.mark.timeout(900)
 def test_burst_beyond_the_queue_is_refused_with_429_and_accepted_requests_finish(load_url, model_name):
-    async def run() -> list[Result]:
+    async def run() -> list[Stream]:
         limits = httpx.Limits(max_connections=BURST * 2, max_keepalive_connections=BURST * 2)
         async with httpx.AsyncClient(base_url=load_url, timeout=HTTP_TIMEOUT, limits=limits) as http:
             return await asyncio.gather(
-                *(stream_completion(http, model_name, BURST_PROMPT, BURST_TOKENS) for _ in range(BURST))
+                *(astream_completion(http, model_name, BURST_PROMPT, BURST_TOKENS) for _ in range(BURST))
             )
 
     started = time.monotonic()

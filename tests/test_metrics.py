@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -21,16 +20,10 @@ from cluster.metrics.engine import EngineMetrics
 from cluster.metrics.experts import ExpertMetrics
 from cluster.serve import ingress, streaming
 from cluster.serve.protocol import OpenAIError
-from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
-from experts.shard import ExpertShard
-from router.config import ModelConfig
-from router.engine_core import EngineCore, default_cache_bytes
-from router.exchange import ExchangeStats, ExpertStats, LocalExperts
-from router.kv_cache import KVCache
+from router.engine_core import EngineCore
+from router.exchange import ExchangeStats, ExpertStats
 from router.sampling import SamplingParams
-from router.scheduler import SchedulerConfig
-from router.weights import load_router_model
+from tests.toolkit import local_core
 
 
 class Recorder:
@@ -80,21 +73,6 @@ def recorded(monkeypatch) -> Iterator[dict[str, Recorder]]:
         for name in ("Counter", "Gauge", "Histogram"):
             monkeypatch.setattr(module, name, Recorder, raising=False)
     yield Recorder.registry
-
-
-def local_core(model_dir: Path, shards: int = 2) -> EngineCore:
-    """The router's engine over LocalExperts: every shard in this process, no Ray."""
-    config = ModelConfig.from_model_dir(model_dir)
-    reader = CheckpointReader(model_dir)
-    cpu, dtype = torch.device("cpu"), torch.float32
-    placement = ExpertPlacement(config.num_experts, shards)
-    experts = LocalExperts(
-        [ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)],
-        placement,
-    )
-    cache = KVCache(config, default_cache_bytes(config, 8, 128, 16, dtype), 8, 16, dtype, cpu)
-    model = load_router_model(reader, config, dtype, cpu)
-    return EngineCore(config, model, cache, experts, SchedulerConfig(8, 64, 128, 16))
 
 
 def run(core: EngineCore, metrics: EngineMetrics | None, prompts: dict[str, list[int]], new: int) -> None:

@@ -19,7 +19,7 @@ from cluster.options.engine import EngineConfig, EngineOptions
 from cluster.options.flags import engine_flags, flag_name
 from cluster.options.serve import ServeOptions
 from cluster.serve.app import build_app
-from tests.test_helm import one, render
+from tests.helm_chart import one, render
 
 # A value other than the default for every engine option, runnable on this CPU machine.
 NON_DEFAULT = {

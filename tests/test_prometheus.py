@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ray import serve
 
 from cluster.cli.dashboards import dashboards
 from tests.conftest import deploy_app, free_port
+from tests.toolkit import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = "moe-test"
@@ -106,11 +106,9 @@ def prometheus(metrics_export_port, tmp_path_factory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not start: {(work / 'prometheus.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        up = wait_for(lambda: process.poll() is not None or _ready(url), 60, interval=0.5)
+        if not up or process.poll() is not None:
+            pytest.fail(f"prometheus did not start: {(work / 'prometheus.log').read_text()[-2000:]}")
         yield url
     finally:
         process.terminate()
@@ -192,21 +190,21 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
     def counts_by_status() -> dict[str, float]:
         return {s["metric"]["status"]: float(s["value"][1]) for s in query(prometheus, by_status)}
 
-    deadline = time.monotonic() + 60
-    while not query(prometheus, "up == 1") and time.monotonic() < deadline:  # first scrape done
-        time.sleep(1)
+    wait_for(lambda: query(prometheus, "up == 1"), 60, interval=1)  # first scrape done
     before = counts_by_status()  # earlier tests of the session served through this cluster too
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         traffic = pool.submit(deploy_and_send)
         try:
-            while not traffic.done():
+            while not traffic.done():  # queries run while the traffic does, once a second
                 poll()
-                time.sleep(1)
+                concurrent.futures.wait([traffic], timeout=1)
             traffic.result()
-            deadline = time.monotonic() + 120
-            while len(seen) < len(queries) and time.monotonic() < deadline:
+
+            def all_seen() -> bool:
                 poll()
-                time.sleep(2)
+                return len(seen) == len(queries)
+
+            wait_for(all_seen, 120, interval=2)
             missing = [(d, p, e) for d, p, e in queries if e not in seen and p not in EXCEPTIONS]
             listed = "\n".join(f"{d} / {p}: {e}" for d, p, e in missing)
             assert not missing, f"queries without a series:\n{listed}"
@@ -216,13 +214,8 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
             expected = {k: v for k, v in before.items() if v}
             for status, sent in {"200": 17.0, "400": 1.0, "404": 1.0}.items():
                 expected[status] = expected.get(status, 0.0) + sent
-            deadline = time.monotonic() + 60  # Ray reports every 10 s: wait for the last
-            while True:
-                counts = counts_by_status()
-                if counts == expected or time.monotonic() > deadline:
-                    break
-                time.sleep(2)
-            assert counts == expected
+            wait_for(lambda: counts_by_status() == expected, 60, interval=2)  # Ray reports every 10 s
+            assert counts_by_status() == expected
             clusters = httpx.get(
                 f"{prometheus}/api/v1/label/ray_io_cluster/values",
                 params={"match[]": "ray_node_network_receive_speed"},

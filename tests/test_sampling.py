@@ -5,14 +5,7 @@ import torch
 
 from router.sampling import SamplingParams, SamplingState, sample, uniform_noise
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _state(seed: int = 0, **params) -> SamplingState:

@@ -11,13 +11,7 @@ from router.sequence import Sequence, Status
 BLOCK = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _cache(full_blocks: int = 64, max_num_seqs: int = 8) -> KVCache:

@@ -29,9 +29,9 @@ from cluster.options.serve import APP_IMPORT_PATH, Autoscaling, ServeOptions
 from cluster.serve.app import build_app, engine_deployment_options
 from cluster.serve.autoscaling import POLICY_PATH, ongoing_sequences_policy
 from tests.conftest import free_port
+from tests.toolkit import vendor_data, wait_for
 
 CLI = Path(sys.executable).with_name("moe-cluster")
-SCHEMA_PATH = Path("/work/shared/vendor-data/ray-serve/serve-deploy-schema.ray-2.60.0.json")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,7 +80,7 @@ def test_written_config_validates_against_rays_schema(written):
 
 def test_written_config_validates_against_vendored_json_schema(written):
     _, config = written
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = json.loads(vendor_data("ray-serve/serve-deploy-schema.ray-2.60.0.json").read_text())
     jsonschema.validate(config, schema)
     # The schema is a real check, not a blanket accept: a wrongly typed field is refused.
     with pytest.raises(jsonschema.ValidationError):
@@ -376,18 +376,14 @@ def test_serve_command_serves_and_stops_on_sigterm(demo_model, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        status = None
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             assert proc.poll() is None, f"serve exited early ({proc.returncode}):\n{_tail(tmp_path)}"
-            try:
-                status = httpx.get(f"{base}/health", timeout=5).status_code
-            except httpx.HTTPError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(1)
-        assert status == 200, f"not healthy within 120 s:\n{_tail(tmp_path)}"
+            return httpx.get(f"{base}/health", timeout=5).status_code == 200
+
+        assert wait_for(healthy, 120, interval=1, tolerate=(httpx.HTTPError,)), (
+            f"not healthy within 120 s:\n{_tail(tmp_path)}"
+        )
 
         body = {"model": demo_model.name, "prompt": "hello there", "max_tokens": 8, "temperature": 0}
         reply = httpx.post(f"{base}/v1/completions", json=body, timeout=60)

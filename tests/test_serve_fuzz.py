@@ -18,9 +18,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from ray import serve
 
-from tests.conftest import deploy_app
+from tests.conftest import served_app, small_app
+from tests.toolkit import error_object
 
 APP = "fuzz"
 MAX_MODEL_LEN = 48  # bounds the work of any request the fuzz sends: at most 47 tokens per choice
@@ -38,19 +38,9 @@ FUZZ_SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def fuzz_url(serve_http, demo_model) -> Iterator[str]:
-    options = {
-        "model": str(demo_model),
-        "expert_shards": 1,
-        "router_cpus": 0.5,
-        "expert_cpus": 0.5,
-        "max_model_len": MAX_MODEL_LEN,
-        "max_num_seqs": 16,
-    }
-    deploy_app(APP, options)
-    try:
-        yield f"{serve_http}/{APP}"
-    finally:
-        serve.delete(APP)
+    options = small_app(demo_model, expert_shards=1, max_model_len=MAX_MODEL_LEN, max_num_seqs=16)
+    with served_app(serve_http, APP, options) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +157,7 @@ def bodies(openapi: dict, path: str, served_model: str) -> st.SearchStrategy:
 
 
 def check_error(response: httpx.Response, text: str) -> None:
-    body = json.loads(text)
-    assert set(body) == {"error"}, text
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, text
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert error["param"] is None or isinstance(error["param"], str)
-    assert error["code"] is None or isinstance(error["code"], str)
+    error_object(json.loads(text))
 
 
 def check_choices(choices: list[dict], n: int, chat: bool) -> None:

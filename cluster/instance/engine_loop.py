@@ -17,15 +17,40 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from cluster.errors import EngineStopped, QueueFull, TransportError
 from cluster.metrics.engine import EngineMetrics
-from router.engine_core import EngineCore, TokenEvent
+from router.engine_core import TokenEvent
 from router.sampling import SamplingParams
+from router.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Heartbeat(Protocol):
+    def heartbeat(self) -> None: ...
+
+
+@runtime_checkable
+class LoopCore(Protocol):
+    """What EngineLoop needs from its core: router.engine_core.EngineCore, or a test's stand-in."""
+
+    scheduler: Scheduler
+    experts: Heartbeat
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[TokenEvent]: ...
 
 
 @dataclass
@@ -37,7 +62,7 @@ class _Listener:
 class EngineLoop:
     def __init__(
         self,
-        core: EngineCore,
+        core: LoopCore,
         recover: Callable[[], None] | None = None,
         max_recoveries: int = 3,
         heartbeat_s: float = 10.0,
@@ -112,7 +137,7 @@ class EngineLoop:
                 if self.metrics is not None:
                     self.metrics.request_dropped(request_id)
 
-    async def run_in_loop(self, fn: Callable[[EngineCore], T]) -> T:
+    async def run_in_loop(self, fn: Callable[[LoopCore], T]) -> T:
         """Runs fn on the engine thread between two steps (the core is not thread-safe)."""
         if not self.alive:
             raise EngineStopped("engine loop is not running") from self.error
