@@ -1,8 +1,21 @@
 """Errors a caller of a model instance can meet, importable without torch (the HTTP ingress's view)."""
 
-from router.errors import InvalidRequest, QueueFull, TransportError
+from router.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    MaxTokensExceedContext,
+    QueueFull,
+    TransportError,
+)
 
-__all__ = ["EngineStopped", "InvalidRequest", "QueueFull", "TransportError"]
+__all__ = [
+    "ContextLengthExceeded",
+    "EngineStopped",
+    "InvalidRequest",
+    "MaxTokensExceedContext",
+    "QueueFull",
+    "TransportError",
+]
 
 
 class EngineStopped(RuntimeError):

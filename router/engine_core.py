@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from router.config import ModelConfig
-from router.errors import InvalidRequest, TransportError
+from router.errors import ContextLengthExceeded, InvalidRequest, TransportError
 from router.exchange import RoutedExperts
 from router.kv_cache import KVCache, SequenceBlocks
 from router.micro_batch import MIN_OVERLAP_TOKENS, MicroBatch, split_point
@@ -70,8 +70,17 @@ class EngineCore:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        for name, ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if outside:
+                raise InvalidRequest(
+                    f"{name}: token id {outside[0]} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
         if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
                 "and at least one token must be generated"
             )
@@ -90,7 +99,9 @@ class EngineCore:
         seq = Sequence(
             request_id,
             list(prompt_ids),
-            SamplingState.for_request(params),
+            SamplingState.for_request(
+                params, prompt_ids, self.config.vocab_size, self.eos_token_ids, self.cache.device
+            ),
             max_len=min(len(prompt_ids) + params.max_tokens, self.max_model_len),
         )
         self.scheduler.add(seq)
@@ -194,9 +205,11 @@ class EngineCore:
         self, seq: Sequence, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None
     ) -> TokenEvent:
         seq.output_ids.append(token)
+        seq.sampling.observe(token)
         params = seq.sampling.params
         reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        ends = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        if ends or seq.sampling.grammar_done:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= seq.max_len:
             reason = "length"

@@ -5,6 +5,18 @@ class InvalidRequest(ValueError):
     """A request that can never be served as given (the message says which field and why)."""
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt does not fit in the model's context (leaving room for one token)."""
+
+    param = "prompt"
+
+
+class MaxTokensExceedContext(ContextLengthExceeded):
+    """The prompt plus the max_tokens asked for do not fit in the model's context."""
+
+    param = "max_tokens"
+
+
 class QueueFull(RuntimeError):
     """Every sequence slot is taken and the waiting queue is at its limit; retry later."""
 

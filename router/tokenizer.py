@@ -38,17 +38,24 @@ class Tokenizer:
         eos = _config_ids(model_dir / "config.json") + _config_ids(model_dir / "generation_config.json")
         return cls(hf_tokenizer, eos)
 
+    @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        """The transformers tokenizer (what grammar engines build their token tables from)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for a conversation, ending where the assistant's reply starts."""
         if self.has_chat_template:
             # The template writes its own special tokens (bos included), so none are added on top.
-            text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._tok.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=False
+            )
             return self._tok.encode(text, add_special_tokens=False)
         lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return self.encode(lines + "assistant:")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 
 from tests.serve_api_app import (
@@ -173,11 +174,11 @@ def test_body_over_the_configured_limit_gets_413(http, model_name):
     assert http.post("/v1/completions", content=padded, headers=headers).status_code == 200
 
 
-def test_huge_max_tokens_is_bounded_by_max_model_len(client, model_name):
+def test_huge_max_tokens_is_context_length_exceeded(client, model_name):
     prompt = [5] * (MAX_MODEL_LEN - 4)
-    out = client.completions.create(model=model_name, prompt=prompt, max_tokens=2**64, temperature=0)
-    assert 1 <= out.usage.completion_tokens <= 4
-    assert out.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=model_name, prompt=prompt, max_tokens=2**64, temperature=0)
+    assert caught.value.code == "context_length_exceeded"
 
 
 def test_server_keeps_serving_after_bad_input(http, client, model_name):

@@ -79,7 +79,12 @@ def _serve_options(args: argparse.Namespace):
                 raise ValueError(f"{args.config}: 'applications' lists no application")
             loaded = apps[0].get("args") or {}
         values = dict(loaded)
-    flags = {"model": args.model, "served_model_name": args.served_model_name, **engine_flags(args)}
+    flags = {
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+        "tool_call_parser": getattr(args, "tool_call_parser", None),
+        **engine_flags(args),
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     scaling = {
         "min_replicas": args.min_replicas,
@@ -97,7 +102,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    import ray
     from ray import serve
 
     from cluster.instance.resources import ensure_ray
@@ -117,10 +121,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         stop.wait()
     finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+        _stop_serving(started)
     return 0
+
+
+SERVE_DRAIN_S = 5.0
+
+
+def _stop_serving(started_ray: bool) -> None:
+    """Gives Serve a few seconds to drain and shut down, then, if this process started Ray, stops it:
+    Serve's own shutdown can wait 30 s and more on its controller, too long for SIGTERM."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    worker = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+    worker.start()
+    worker.join(SERVE_DRAIN_S)
+    if worker.is_alive():
+        print(f"Serve did not shut down within {SERVE_DRAIN_S:.0f} s; stopping Ray", flush=True)
+    if started_ray:
+        ray.shutdown()
 
 
 def cmd_serve_config(args: argparse.Namespace) -> int:
@@ -186,6 +208,11 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 def _add_serve_flags(parser: argparse.ArgumentParser, host: str) -> None:
     parser.add_argument("--model", help="model directory on every node (default: the demo model)")
     parser.add_argument("--served-model-name")
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=("auto", "hermes", "trinity"),
+        help="how tool calls are read (default: auto)",
+    )
     add_engine_flags(parser)
     parser.add_argument("--min-replicas", type=int, help="engine replicas (whole model instances)")
     parser.add_argument("--max-replicas", type=int)

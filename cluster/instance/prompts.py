@@ -30,9 +30,9 @@ class PromptEncoder:
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer and self.tokenizer.has_chat_template)
 
-    def encode(self, prompt: Prompt | list[Message]) -> list[int]:
+    def encode(self, prompt: Prompt | list[Message], tools: list[dict] | None = None) -> list[int]:
         if is_chat(prompt):
-            return self.chat(prompt)
+            return self.chat(prompt, tools)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequest(f"{self.model_path} has no tokenizer: pass token ids")
@@ -43,11 +43,11 @@ class PromptEncoder:
             raise InvalidRequest("a token-id prompt must be a list of integers")
         return list(prompt)
 
-    def chat(self, messages: list[Message]) -> list[int]:
+    def chat(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("this model has no tokenizer, so chat messages are not available")
         try:
-            return self.tokenizer.apply_chat_template(messages)
+            return self.tokenizer.apply_chat_template(messages, tools)
         except Exception as err:  # the template's own checks (jinja errors) reject the conversation
             raise InvalidRequest(f"chat template failed: {err}") from None
 

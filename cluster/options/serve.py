@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,8 +49,15 @@ class ServeOptions(EngineOptions):
     max_request_bytes: int = Field(1 << 20, ge=1024)
     api_keys_env: str = "MOE_CLUSTER_API_KEYS"
     api_key_file: str | None = None
+    tool_call_parser: Literal["auto", "hermes", "trinity"] = Field(
+        "auto", description="how tool calls are read from the model's text; auto: from the model (Trinity)"
+    )
     engine_autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     ingress_autoscaling: Autoscaling = Field(default_factory=lambda: Autoscaling(target_ongoing_requests=64))
+
+    def tool_parser(self) -> str:
+        """auto is trinity: the models served (AFMoE) write Hermes-style calls after optional think tags."""
+        return "trinity" if self.tool_call_parser == "auto" else self.tool_call_parser
 
     def model_path(self) -> Path:
         if self.model:

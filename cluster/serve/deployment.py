@@ -7,16 +7,19 @@ model instances.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.util import get_current_placement_group
 
+from cluster.errors import InvalidRequest, MaxTokensExceedContext
 from cluster.instance.model_instance import ModelInstance
 from cluster.options.serve import ServeOptions
-from cluster.serve.messages import Accepted, GenerateRequest, ModelInfo, TokenChunk, TokenLogprobs
+from cluster.serve.messages import Accepted, GenerateRequest, JsonOutput, ModelInfo, TokenChunk, TokenLogprobs
 from router.engine_core import TokenEvent
+from router.grammar import Grammar, GrammarCompiler
 from router.sampling import SamplingParams
 from router.text_stream import TextStream
 
@@ -28,6 +31,7 @@ class EngineDeployment:
         self.instance = ModelInstance(self.options.engine_config(), get_current_placement_group())
         self.engine = self.instance.engine_loop()
         self.instance.attach_metrics(self.engine, self.options.model_name())
+        self._grammars: GrammarCompiler | None = None
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.instance.core.max_model_len, self.instance.prompts.has_chat_template)
@@ -48,17 +52,24 @@ class EngineDeployment:
             prompt_ids = list(resume.prompt_ids)
         else:
             prompt_ids = self.instance.prompts.encode(
-                request.messages if request.messages is not None else request.prompt
+                request.messages if request.messages is not None else request.prompt, request.tools
             )
         done = list(resume.output_ids) if resume else []
         fields = vars(request.sampling).copy()
+        room = self.instance.core.max_model_len - len(prompt_ids)
         if fields["max_tokens"] is None:
-            fields["max_tokens"] = max(1, self.instance.core.max_model_len - len(prompt_ids))
+            fields["max_tokens"] = max(1, room)
+        elif fields["max_tokens"] > room > 0:
+            raise MaxTokensExceedContext(
+                f"max_tokens is {fields['max_tokens']} but the prompt has {len(prompt_ids)} tokens and "
+                f"max_model_len is {self.instance.core.max_model_len}: at most {room} can be generated"
+            )
         fields["max_tokens"] -= len(done)
-        params = SamplingParams(**fields, step_offset=len(done))
+        grammar = await self._grammar(request.json_output) if request.json_output else None
+        params = SamplingParams(**fields, step_offset=len(done), grammar=grammar)
         events = self.engine.submit(prompt_ids + done, params)
-        yield Accepted(len(prompt_ids), prompt_ids)
         decode = self.instance.prompts.decode
+        yield Accepted(len(prompt_ids), prompt_ids, (decode(prompt_ids) or "") if request.echo else None)
         text = TextStream(decode, request.stop, done, resume.sent_chars if resume else 0)
         try:
             async for event in events:
@@ -71,6 +82,18 @@ class EngineDeployment:
                     return
         finally:
             await events.aclose()
+
+    async def _grammar(self, output: JsonOutput) -> Grammar:
+        """Compiled on a worker thread (a large schema takes long), once per schema and replica."""
+        if self._grammars is None:
+            tokenizer = self.instance.prompts.tokenizer
+            if tokenizer is None:
+                raise InvalidRequest("response_format needs the model's tokenizer, and this model has none")
+            core = self.instance.core
+            self._grammars = await asyncio.to_thread(
+                GrammarCompiler, tokenizer.hf, core.config.vocab_size, sorted(core.eos_token_ids)
+            )
+        return await asyncio.to_thread(self._grammars.json, output.schema)
 
     def _logprobs(self, event: TokenEvent) -> TokenLogprobs | None:
         if event.logprob is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from cluster.errors import InvalidRequest, QueueFull
+from cluster.errors import ContextLengthExceeded, InvalidRequest, QueueFull
 from cluster.serve.protocol import OpenAIError
 
 
@@ -18,6 +18,8 @@ def engine_error(err: Exception) -> OpenAIError:
             code="queue_full",
             headers={"Retry-After": "1"},
         )
+    if isinstance(cause, ContextLengthExceeded):
+        return OpenAIError(400, str(cause), code="context_length_exceeded", param=cause.param)
     if isinstance(cause, ValueError | InvalidRequest):
         return OpenAIError(400, str(cause), param="prompt" if "prompt" in str(cause) else None)
     return OpenAIError(

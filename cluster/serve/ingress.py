@@ -1,9 +1,7 @@
 """The OpenAI-compatible HTTP ingress (CPU only): validation, auth, SSE streaming, response shapes."""
 
-import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,9 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.metrics.requests import count_request, start_request_metrics
 from cluster.options.serve import ServeOptions
-from cluster.serve.errors import engine_error
+from cluster.serve.chat import chat_chunks, chat_requests, chat_response
+from cluster.serve.choices import open_streams
+from cluster.serve.completions import completion_chunks, completion_requests, completion_response
 from cluster.serve.gate import Gatekeeper, configure
-from cluster.serve.messages import GenerateRequest, Sampling, TokenChunk
 from cluster.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,7 +25,8 @@ from cluster.serve.protocol import (
     error_from_validation,
     now,
 )
-from cluster.serve.streaming import collect, merge, resumable_stream, sse
+from cluster.serve.responses import ResponsesRequest, responses_events, responses_response, responses_shape
+from cluster.serve.streaming import sse
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="moe-cluster", description="OpenAI-compatible API for sparse MoE models on Ray")
@@ -62,39 +62,6 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 app.add_middleware(Gatekeeper, respond=_error_response)
 
 
-def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None, choice: int) -> Sampling:
-    seed = None if body.seed is None else body.seed + choice
-    return Sampling(max_tokens, body.temperature, body.top_p, body.top_k, seed, logprobs)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _completion_logprobs(chunks: list[TokenChunk]) -> dict:
-    logprobs = [c.logprobs for c in chunks if c.logprobs is not None]
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [dict(lp.top) for lp in logprobs],
-    }
-
-
-def _chat_logprobs(chunks: list[TokenChunk]) -> list[dict]:
-    def entry(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    return [
-        {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-        for lp in (c.logprobs for c in chunks)
-        if lp is not None
-    ]
-
-
 @serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class OpenAIIngress:
@@ -103,6 +70,7 @@ class OpenAIIngress:
         self.engine = engine
         self.stream_handle = engine.options(stream=True)
         self.model_name = self.options.model_name()
+        self.tool_parser = self.options.tool_parser()
         configure(self.options.api_keys(), self.options.max_request_bytes)
         start_request_metrics(self.model_name)
 
@@ -114,125 +82,62 @@ class OpenAIIngress:
             return JSONResponse({"status": "unavailable", "error": type(err).__name__}, status_code=503)
         return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
 
+    def _card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": now(), "owned_by": "moe-cluster"}
+
     @app.get("/v1/models")
     async def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": now(), "owned_by": "moe-cluster"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [self._card()]}
 
-    def _check_model(self, body: SamplingFields) -> None:
-        if body.model != self.model_name:
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict:
+        self._check_model(model_id)
+        return self._card()
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
             raise OpenAIError(
                 404,
-                f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
                 param="model",
                 code="model_not_found",
             )
 
-    async def _open(self, requests: list[GenerateRequest]) -> tuple[list[AsyncIterator[TokenChunk]], int]:
-        """Starts one engine stream per choice; returns them and the prompt length once all are accepted."""
-        streams = [resumable_stream(self.stream_handle, r) for r in requests]
-        firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
-        failed = [f for f in firsts if isinstance(f, BaseException)]
-        if failed:
-            for s in streams:
-                await s.aclose()
-            raise engine_error(failed[0]) from None
-        return streams, firsts[0].prompt_tokens
+    def _check(self, body: SamplingFields) -> None:
+        self._check_model(body.model)
+        body.check()
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
-        self._check_model(body)
-        requests = [
-            GenerateRequest(
-                _sampling(body, body.max_tokens, body.logprobs, i), prompt=body.prompt, stop=body.stop_list()
-            )
-            for i in range(body.n)
-        ]
-        streams, prompt_tokens = await self._open(requests)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", now()
-        shape = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
-        with_logprobs = body.logprobs is not None
+        self._check(body)
+        opened = await open_streams(self.stream_handle, completion_requests(body))
+        shape = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now()}
+        shape["model"] = self.model_name
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return sse(self._completion_chunks(streams, shape, with_logprobs, prompt_tokens, include_usage))
-        choices, used = await collect(streams)
+            return sse(completion_chunks(body, opened, shape))
+        response = await completion_response(body, opened, shape)
         count_request(200)
-        return {
-            **shape,
-            "choices": [
-                {
-                    "index": i,
-                    "text": "".join(c.text for c in chunks),
-                    "finish_reason": chunks[-1].finish_reason,
-                    "logprobs": _completion_logprobs(chunks) if with_logprobs else None,
-                }
-                for i, chunks in enumerate(choices)
-            ],
-            "usage": _usage(prompt_tokens, used),
-        }
-
-    async def _completion_chunks(self, streams, shape, with_logprobs, prompt_tokens, include_usage):
-        used = 0
-        async for index, chunk in merge(streams):
-            used += 1
-            choice = {
-                "index": index,
-                "text": chunk.text,
-                "finish_reason": chunk.finish_reason,
-                "logprobs": _completion_logprobs([chunk]) if with_logprobs else None,
-            }
-            yield {**shape, "choices": [choice]}
-        if include_usage:
-            yield {**shape, "choices": [], "usage": _usage(prompt_tokens, used)}
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
-        self._check_model(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        requests = [
-            GenerateRequest(
-                _sampling(body, body.max_new_tokens(), logprobs, i), messages=messages, stop=body.stop_list()
-            )
-            for i in range(body.n)
-        ]
-        streams, prompt_tokens = await self._open(requests)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
-        shape = {"id": rid, "created": created, "model": self.model_name}
+        self._check(body)
+        opened = await open_streams(self.stream_handle, chat_requests(body))
+        shape = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": now(), "model": self.model_name}
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return sse(self._chat_chunks(streams, body.n, shape, body.logprobs, prompt_tokens, include_usage))
-        choices, used = await collect(streams)
+            return sse(chat_chunks(body, opened, shape, self.tool_parser))
+        response = await chat_response(body, opened, shape, self.tool_parser)
         count_request(200)
-        return {
-            **shape,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": i,
-                    "finish_reason": chunks[-1].finish_reason,
-                    "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
-                    "logprobs": {"content": _chat_logprobs(chunks)} if body.logprobs else None,
-                }
-                for i, chunks in enumerate(choices)
-            ],
-            "usage": _usage(prompt_tokens, used),
-        }
+        return response
 
-    async def _chat_chunks(self, streams, n, shape, with_logprobs, prompt_tokens, include_usage):
-        envelope = {**shape, "object": "chat.completion.chunk"}
-        for index in range(n):
-            start = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            yield {**envelope, "choices": [start]}
-        used = 0
-        async for index, chunk in merge(streams):
-            used += 1
-            choice = {
-                "index": index,
-                "delta": {"content": chunk.text} if chunk.text else {},
-                "finish_reason": chunk.finish_reason,
-                "logprobs": {"content": _chat_logprobs([chunk])} if with_logprobs else None,
-            }
-            yield {**envelope, "choices": [choice]}
-        if include_usage:
-            yield {**envelope, "choices": [], "usage": _usage(prompt_tokens, used)}
+    @app.post("/v1/responses")
+    async def responses(self, body: ResponsesRequest):
+        self._check_model(body.model)
+        chat = body.as_chat()
+        opened = await open_streams(self.stream_handle, chat_requests(chat))
+        shape = responses_shape(body, self.model_name)
+        if body.stream:
+            return sse(responses_events(chat, opened, shape, self.tool_parser))
+        response = await responses_response(chat, opened, shape, self.tool_parser)
+        count_request(200)
+        return response

@@ -19,6 +19,13 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -31,12 +38,22 @@ class Resume:
 
 
 @dataclass(frozen=True)
+class JsonOutput:
+    """The output must be JSON matching `schema` (None: any JSON object)."""
+
+    schema: dict | None = None
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     sampling: Sampling
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None  # chat messages through the model's chat template
     stop: list[str] = field(default_factory=list)
     resume: Resume | None = None
+    echo: bool = False  # Accepted carries the prompt's text
+    json_output: JsonOutput | None = None
+    tools: list[dict] | None = None  # for the chat template
 
     def resumed(self, resume: Resume) -> GenerateRequest:
         return replace(self, resume=resume)
@@ -46,6 +63,7 @@ class GenerateRequest:
 class Accepted:
     prompt_tokens: int
     prompt_ids: list[int]
+    prompt_text: str | None = None
 
 
 @dataclass(frozen=True)
