@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from router.config import ModelConfig
-from router.errors import InvalidRequest, TransportError
+from router.errors import InvalidRequest
 from router.exchange import RoutedExperts
-from router.kv_cache import KVCache, SequenceBlocks
+from router.kv_cache import KVCache, SequenceBlocks, sliding_pool_blocks
 from router.model import AfmoeRouterModel
 from router.sampling import SamplingParams, SamplingState, sample
 from router.scheduler import Scheduler, SchedulerConfig
@@ -26,6 +26,7 @@ class TokenEvent:
     finish_reason: str | None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied for this request
 
 
 class EngineCore:
@@ -64,10 +65,10 @@ class EngineCore:
                 "and at least one token must be generated"
             )
         needed = self.cache.blocks_for(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
-        if needed > self.cache.full_blocks.num_blocks:
+        if needed > self.cache.full.num_blocks:
             raise InvalidRequest(
                 f"prompt + max_tokens needs {needed} KV blocks, the whole cache has "
-                f"{self.cache.full_blocks.num_blocks}"
+                f"{self.cache.full.num_blocks}"
             )
 
     def add_request(
@@ -107,25 +108,19 @@ class EngineCore:
         device = self.cache.device
         batch = self.cache.build(step.starts, step.lengths, [s.blocks for s in step.seqs])
         started = time.perf_counter()
-        try:
-            logits = self.model(
-                torch.tensor(tokens, dtype=torch.int64, device=device),
-                batch,
-                self.cache,
-                self.experts,
-                torch.tensor(logits_rows, dtype=torch.int64, device=device),
-            )
-        except TransportError:
-            # Some layers may have written this step's K/V, over sliding-window slots the retry still
-            # needs: these sequences recompute their cache from prompt + output (same tokens result).
-            for seq in step.seqs:
-                seq.num_computed = 0
-            raise
+        # A step that fails (TransportError) wrote K/V only at positions it had not computed, in blocks
+        # no other sequence shares, so the retry schedules the same tokens again over them.
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.int64, device=device),
+            batch,
+            self.cache,
+            self.experts,
+            torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        )
         self.step_seconds += time.perf_counter() - started
         self.steps += 1
         self.last_step_sequences, self.last_step_tokens = len(step.seqs), len(tokens)
-        for seq, n in zip(step.seqs, step.lengths, strict=True):
-            seq.num_computed += n
+        self.scheduler.computed(step)
         sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]
         if not sampled:
             return []
@@ -168,7 +163,7 @@ class EngineCore:
         if reason:
             self.scheduler.finish(seq, reason)
             self.sequences.pop(seq.request_id, None)
-        return TokenEvent(seq.request_id, token, reason, logprob, top)
+        return TokenEvent(seq.request_id, token, reason, logprob, top, seq.cached_tokens or 0)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
         """Runs the given prompts to completion, batched; other queued work runs alongside."""
@@ -184,31 +179,37 @@ class EngineCore:
     def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits [len, vocab] for every position of one prompt (parity checks); leaves no state."""
         self.validate(token_ids, SamplingParams(max_tokens=1))
-        if not self.cache.can_allocate(len(token_ids)):
-            raise InvalidRequest("the KV cache has no room for this prompt right now")
-        blocks: SequenceBlocks = self.cache.allocate(len(token_ids))
+        blocks = SequenceBlocks()
         chunk = self.scheduler.config.max_num_batched_tokens
         try:
             out = []
             for start in range(0, len(token_ids), chunk):
                 piece = token_ids[start : start + chunk]
+                if not self.cache.can_grow(blocks, start + len(piece)):
+                    raise InvalidRequest("the KV cache has no room for this prompt right now")
+                self.cache.grow(blocks, start + len(piece))
                 batch = self.cache.build([start], [len(piece)], [blocks])
                 rows = torch.arange(len(piece), device=self.cache.device)
                 ids = torch.tensor(piece, dtype=torch.int64, device=self.cache.device)
                 out.append(self.model(ids, batch, self.cache, self.experts, rows))
+                self.cache.trim(blocks, start + len(piece))
             return torch.cat(out).cpu()
         finally:
             self.cache.release(blocks)
 
 
 def default_cache_bytes(
-    config: ModelConfig, max_num_seqs: int, max_model_len: int, block_size: int, dtype: torch.dtype
+    config: ModelConfig,
+    max_num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+    dtype: torch.dtype,
+    max_num_batched_tokens: int = 2048,
 ) -> int:
-    """Enough for max_num_seqs sequences of max_model_len tokens each, sliding rings included."""
-    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    """Enough for max_num_seqs sequences of max_model_len tokens each, the sliding pool included."""
+    per_block_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
     sliding_layers = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
     full_layers = config.num_hidden_layers - sliding_layers
-    full_tokens = math.ceil(max_model_len / block_size) * block_size
-    ring_tokens = math.ceil(max(config.sliding_window - 1, 1) / block_size) * block_size
-    per_seq = full_layers * full_tokens + sliding_layers * ring_tokens
-    return max_num_seqs * per_seq * per_token_layer
+    full_blocks = max_num_seqs * math.ceil(max_model_len / block_size)
+    sliding_blocks = sliding_pool_blocks(config, max_num_seqs, block_size, max_num_batched_tokens)
+    return (full_layers * full_blocks + sliding_layers * sliding_blocks) * per_block_layer

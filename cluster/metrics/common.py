@@ -47,5 +47,3 @@ class Delta:
         delta = value - self.last if value >= self.last else value
         self.last = value
         return delta
-
-

@@ -201,9 +201,7 @@ class OpenAIIngress:
         shape = {"id": rid, "created": created, "model": self.model_name}
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return sse(
-                self._chat_chunks(streams, body.n, shape, body.logprobs, prompt_tokens, include_usage)
-            )
+            return sse(self._chat_chunks(streams, body.n, shape, body.logprobs, prompt_tokens, include_usage))
         choices, used = await collect(streams)
         count_request(200)
         return {

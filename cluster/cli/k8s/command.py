@@ -8,7 +8,6 @@ its conditions and per-application Serve status and prints the endpoint, `delete
 The API goes through the `kubernetes` client (the `k8s` extra), imported only when a command needs it.
 """
 
-
 from __future__ import annotations
 
 import argparse
