@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from router.config import ModelConfig
 from router.block_pool import BlockPool
+from router.config import ModelConfig
 from router.engine_core import default_cache_bytes
 from router.kv_cache import DROPPED, FULL, SLIDING, KVCache, SequenceBlocks, sliding_pool_blocks
 
