@@ -46,12 +46,12 @@ DEMO_CONFIG: dict = {
     "global_attn_every_n_layers": 3,
     "mup_enabled": True,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 32768,
     "initializer_range": 0.05,
     "tie_word_embeddings": False,
 }
 
-DEMO_MODEL_DIRNAME = "demo-model-v1"
+DEMO_MODEL_DIRNAME = "demo-model-v2"
 
 # Gate and LM head read RMS-normalised states, so a weight std of SCALE / sqrt(hidden) gives logits with a
 # std near SCALE: sigmoid scores clearly apart, and greedy decoding rarely on a near-tie.
