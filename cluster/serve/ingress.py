@@ -220,10 +220,10 @@ class OpenAIIngress:
         }
 
     async def _chat_chunks(self, streams, n, shape, with_logprobs, prompt_tokens, include_usage):
-        chunk = {**shape, "object": "chat.completion.chunk"}
+        envelope = {**shape, "object": "chat.completion.chunk"}
         for index in range(n):
             start = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            yield {**chunk, "choices": [start]}
+            yield {**envelope, "choices": [start]}
         used = 0
         async for index, chunk in merge(streams):
             used += 1
@@ -233,6 +233,6 @@ class OpenAIIngress:
                 "finish_reason": chunk.finish_reason,
                 "logprobs": {"content": _chat_logprobs([chunk])} if with_logprobs else None,
             }
-            yield {**chunk, "choices": [choice]}
+            yield {**envelope, "choices": [choice]}
         if include_usage:
-            yield {**chunk, "choices": [], "usage": _usage(prompt_tokens, used)}
+            yield {**envelope, "choices": [], "usage": _usage(prompt_tokens, used)}

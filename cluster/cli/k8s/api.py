@@ -178,39 +178,22 @@ def _unexpected(what: str, err: Any) -> K8sError:
     return K8sError(f"cannot {what}: {err.status} {_status_message(err)}")
 
 
-def get(api: Api, name: str) -> dict[str, Any]:
+def _on_named(api: Api, verb: str, method: Any, name: str) -> Any:
+    """One call on the named RayService; a 404 says which one is missing."""
     kubernetes = kubernetes_client()
     try:
-        return api.call(
-            f"get {RESOURCE}",
-            api.custom().get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            api.namespace,
-            PLURAL,
-            name,
-        )
+        return api.call(f"{verb} {RESOURCE}", method, GROUP, VERSION, api.namespace, PLURAL, name)
     except kubernetes.client.exceptions.ApiException as err:
         if _is(err, 404):
             raise K8sError(f"no {KIND} {name!r} in namespace {api.namespace}") from None
-        raise _unexpected(f"get {KIND} {api.namespace}/{name}", err) from None
+        raise _unexpected(f"{verb} {KIND} {api.namespace}/{name}", err) from None
+
+
+def get(api: Api, name: str) -> dict[str, Any]:
+    return _on_named(api, "get", api.custom().get_namespaced_custom_object, name)
 
 
 def delete(api: Api, name: str, out: TextIO | None = None) -> None:
+    _on_named(api, "delete", api.custom().delete_namespaced_custom_object, name)
     out = out or sys.stdout
-    kubernetes = kubernetes_client()
-    try:
-        api.call(
-            f"delete {RESOURCE}",
-            api.custom().delete_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            api.namespace,
-            PLURAL,
-            name,
-        )
-    except kubernetes.client.exceptions.ApiException as err:
-        if _is(err, 404):
-            raise K8sError(f"no {KIND} {name!r} in namespace {api.namespace}") from None
-        raise _unexpected(f"delete {KIND} {api.namespace}/{name}", err) from None
     print(f"{RESOURCE}/{name} deleted from namespace {api.namespace}", file=out)

@@ -11,6 +11,7 @@ The API goes through the `kubernetes` client (the `k8s` extra), imported only wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -41,21 +42,10 @@ def manifests_for(args: Any, options: ServeOptions | None) -> list[dict[str, Any
 
 
 def shape_from(args: Any) -> ClusterShape:
-    return ClusterShape(
-        name=args.name,
-        namespace=args.namespace,
-        image=args.image,
-        port=args.port,
-        gpus_per_worker=args.gpus_per_worker,
-        min_workers=args.min_workers,
-        max_workers=max(args.max_workers or args.min_workers, args.min_workers),
-        worker_cpus=args.worker_cpus,
-        worker_memory=args.worker_memory,
-        model_mount=args.model_mount,
-        model_claim=args.model_claim,
-        model_host_path=args.model_host_path,
-        api_keys_secret=args.api_keys_secret,
-    )
+    """The ClusterShape of the flags: every field that has a flag of the same name (not shm_size, labels)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterShape) if hasattr(args, f.name)}
+    given["max_workers"] = max(args.max_workers or args.min_workers, args.min_workers)
+    return ClusterShape(**given)
 
 
 def names_of(manifests: Iterable[dict[str, Any]]) -> list[str]:
