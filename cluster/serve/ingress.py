@@ -67,12 +67,18 @@ def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None
     return Sampling(max_tokens, body.temperature, body.top_p, body.top_k, seed, logprobs)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; cached_tokens: the prompt tokens the engine's prefix cache supplied (choice 0's)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def _cached(choices: list[list[TokenChunk]]) -> int:
+    return choices[0][0].cached_tokens if choices and choices[0] else 0
 
 
 def _completion_logprobs(chunks: list[TokenChunk]) -> dict:
@@ -168,13 +174,14 @@ class OpenAIIngress:
                 }
                 for i, chunks in enumerate(choices)
             ],
-            "usage": _usage(prompt_tokens, used),
+            "usage": _usage(prompt_tokens, used, _cached(choices)),
         }
 
     async def _completion_chunks(self, streams, shape, with_logprobs, prompt_tokens, include_usage):
-        used = 0
+        used = cached = 0
         async for index, chunk in merge(streams):
             used += 1
+            cached = chunk.cached_tokens if index == 0 else cached
             choice = {
                 "index": index,
                 "text": chunk.text,
@@ -183,7 +190,7 @@ class OpenAIIngress:
             }
             yield {**shape, "choices": [choice]}
         if include_usage:
-            yield {**shape, "choices": [], "usage": _usage(prompt_tokens, used)}
+            yield {**shape, "choices": [], "usage": _usage(prompt_tokens, used, cached)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -216,7 +223,7 @@ class OpenAIIngress:
                 }
                 for i, chunks in enumerate(choices)
             ],
-            "usage": _usage(prompt_tokens, used),
+            "usage": _usage(prompt_tokens, used, _cached(choices)),
         }
 
     async def _chat_chunks(self, streams, n, shape, with_logprobs, prompt_tokens, include_usage):
@@ -224,9 +231,10 @@ class OpenAIIngress:
         for index in range(n):
             start = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             yield {**envelope, "choices": [start]}
-        used = 0
+        used = cached = 0
         async for index, chunk in merge(streams):
             used += 1
+            cached = chunk.cached_tokens if index == 0 else cached
             choice = {
                 "index": index,
                 "delta": {"content": chunk.text} if chunk.text else {},
@@ -235,4 +243,4 @@ class OpenAIIngress:
             }
             yield {**envelope, "choices": [choice]}
         if include_usage:
-            yield {**envelope, "choices": [], "usage": _usage(prompt_tokens, used)}
+            yield {**envelope, "choices": [], "usage": _usage(prompt_tokens, used, cached)}
