@@ -63,6 +63,14 @@ def _run(sched: Scheduler, step: ScheduledStep, token: int = 1) -> None:
             seq.output_ids.append(token)
 
 
+def _run_and_finish(sched: Scheduler, step: ScheduledStep) -> None:
+    """_run, then finish the sequences that reached their max_tokens."""
+    _run(sched, step)
+    for seq in list(step.seqs):
+        if len(seq.output_ids) >= seq.sampling.params.max_tokens:
+            sched.finish(seq, "length")
+
+
 def _lengths(step: ScheduledStep | None) -> dict[str, int]:
     return {} if step is None else {s.request_id: n for s, n in zip(step.seqs, step.lengths, strict=True)}
 
@@ -129,10 +137,7 @@ def test_step_tokens_never_exceed_the_budget() -> None:
         step = sched.schedule()
         assert step is not None and 0 < sum(step.lengths) <= budget
         assert all(n > 0 for n in step.lengths)
-        _run(sched, step)
-        for seq in list(step.seqs):
-            if len(seq.output_ids) >= seq.sampling.params.max_tokens:
-                sched.finish(seq, "length")
+        _run_and_finish(sched, step)
         steps += 1
         assert steps < 100
     assert sched.schedule() is None
@@ -314,10 +319,7 @@ def test_random_workload_keeps_block_accounting_exact() -> None:
         step = sched.schedule()
         _check_blocks(sched)
         if step is not None:
-            _run(sched, step)
-            for seq in list(step.seqs):
-                if len(seq.output_ids) >= seq.sampling.params.max_tokens:
-                    sched.finish(seq, "length")
+            _run_and_finish(sched, step)
         steps += 1
         assert steps < 2000
     assert sched.stats.preemptions > 0 and sched.stats.prefix_hit_tokens > 0
