@@ -40,7 +40,7 @@ DEMO_CONFIG: dict = {
     "global_attn_every_n_layers": 3,
     "mup_enabled": True,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 32768,
     "initializer_range": 0.05,
     "tie_word_embeddings": False,
 }

@@ -310,6 +310,45 @@ def overview() -> builder.Dashboard:
                     thresholds=[0.95],
                 ),
                 Panel(
+                    "KV blocks in use",
+                    "KV-cache blocks referenced by running sequences, per layer group (full attention, "
+                    "sliding window), all replicas. Free blocks still hold cached prefixes.",
+                    [(f"sum by (group) ({m('ray_moe_kv_cache_blocks_in_use')})", "{{group}}")],
+                    "short",
+                    width=6,
+                    stacked=True,
+                ),
+                Panel(
+                    "Prefix cache",
+                    "Prompt tokens looked up in the prefix cache and found there (per second), and the hit "
+                    "rate: the share of prompt tokens that were not computed again.",
+                    [
+                        (f"sum({rate('ray_moe_prefix_cache_queries_total')})", "queried tokens/s"),
+                        (f"sum({rate('ray_moe_prefix_cache_hits_total')})", "hit tokens/s"),
+                        (
+                            f"sum({rate('ray_moe_prefix_cache_hits_total')}) / "
+                            f"sum({rate('ray_moe_prefix_cache_queries_total')})",
+                            "hit rate",
+                        ),
+                    ],
+                    "short",
+                    width=6,
+                ),
+                Panel(
+                    "Preemptions",
+                    "Sequences preempted for lack of KV blocks in the last 5 minutes, per model instance: "
+                    "each one is recomputed later (same tokens, more latency). Steadily above zero: the "
+                    "KV cache is too small for the load.",
+                    [
+                        (
+                            f"max by (model_instance) (delta({m('ray_moe_preemptions')}[5m]))",
+                            "{{model_instance}}",
+                        )
+                    ],
+                    "short",
+                    width=6,
+                ),
+                Panel(
                     "Replicas",
                     "Healthy Serve replicas per deployment and the autoscaler's target.",
                     [

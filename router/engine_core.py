@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from router.config import ModelConfig
-from router.errors import ContextLengthExceeded, InvalidRequest, TransportError
+from router.errors import ContextLengthExceeded, InvalidRequest
 from router.exchange import RoutedExperts
-from router.kv_cache import KVCache, SequenceBlocks
+from router.kv_cache import KVCache, SequenceBlocks, sliding_pool_blocks
 from router.micro_batch import MIN_OVERLAP_TOKENS, MicroBatch, split_point
 from router.model import AfmoeRouterModel
 from router.sampling import SamplingParams, SamplingState, sample
@@ -27,6 +28,7 @@ class TokenEvent:
     finish_reason: str | None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied for this request
 
 
 class EngineCore:
@@ -85,10 +87,10 @@ class EngineCore:
                 "and at least one token must be generated"
             )
         needed = self.cache.blocks_for(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
-        if needed > self.cache.full_blocks.num_blocks:
+        if needed > self.cache.full.num_blocks:
             raise InvalidRequest(
                 f"prompt + max_tokens needs {needed} KV blocks, the whole cache has "
-                f"{self.cache.full_blocks.num_blocks}"
+                f"{self.cache.full.num_blocks}"
             )
 
     def add_request(
@@ -117,7 +119,17 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def occupancy(self) -> Occupancy:
-        return Occupancy(len(self.scheduler.running), len(self.scheduler.waiting), self.cache.usage())
+        scheduler, cache = self.scheduler, self.cache
+        return Occupancy(
+            len(scheduler.running),
+            len(scheduler.waiting),
+            cache.usage(),
+            cache.full.num_used,
+            cache.sliding.num_used,
+            scheduler.stats.prefix_query_tokens,
+            scheduler.stats.prefix_hit_tokens,
+            scheduler.stats.preemptions,
+        )
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
@@ -129,17 +141,11 @@ class EngineCore:
         micro = [self._micro_batch(step, lo, hi) for lo, hi in ranges]
         self._forget_counters()
         started = time.perf_counter()
-        try:
-            logits = torch.cat(self.model.forward_micro_batches(micro, self.cache, self.experts))
-        except TransportError:
-            # Some layers may have written this step's K/V, over sliding-window slots the retry still
-            # needs: these sequences recompute their cache from prompt + output (same tokens result).
-            for seq in step.seqs:
-                seq.num_computed = 0
-            raise
+        # A step that fails (TransportError) wrote K/V only at positions it had not computed, in blocks
+        # no other sequence shares, so the retry schedules the same tokens again over them.
+        logits = torch.cat(self.model.forward_micro_batches(micro, self.cache, self.experts))
         self._record(step, len(micro), time.perf_counter() - started)
-        for seq, n in zip(step.seqs, step.lengths, strict=True):
-            seq.num_computed += n
+        self.scheduler.computed(step)
         sampled = [s for s, flag in zip(step.seqs, step.samples, strict=True) if flag]
         if not sampled:
             return []
@@ -216,7 +222,7 @@ class EngineCore:
         if reason:
             self.scheduler.finish(seq, reason)
             self.sequences.pop(seq.request_id, None)
-        return TokenEvent(seq.request_id, token, reason, logprob, top)
+        return TokenEvent(seq.request_id, token, reason, logprob, top, seq.cached_tokens or 0)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
         """Runs the given prompts to completion, batched; other queued work runs alongside."""
@@ -232,26 +238,37 @@ class EngineCore:
     def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
         """fp32 logits [len, vocab] for every position of one prompt (parity checks); leaves no state."""
         self.validate(token_ids, SamplingParams(max_tokens=1))
-        if not self.cache.can_allocate(len(token_ids)):
-            raise InvalidRequest("the KV cache has no room for this prompt right now")
-        blocks: SequenceBlocks = self.cache.allocate(len(token_ids))
+        blocks = SequenceBlocks()
         chunk = self.scheduler.config.max_num_batched_tokens
         try:
             out = []
             for start in range(0, len(token_ids), chunk):
                 piece = token_ids[start : start + chunk]
+                if not self.cache.can_grow(blocks, start + len(piece)):
+                    raise InvalidRequest("the KV cache has no room for this prompt right now")
+                self.cache.grow(blocks, start + len(piece))
                 batch = self.cache.build([start], [len(piece)], [blocks])
                 rows = torch.arange(len(piece), device=self.cache.device)
                 ids = torch.tensor(piece, dtype=torch.int64, device=self.cache.device)
                 out.append(self.model(ids, batch, self.cache, self.experts, rows))
+                self.cache.trim(blocks, start + len(piece))
             return torch.cat(out).cpu()
         finally:
             self.cache.release(blocks)
 
 
 def default_cache_bytes(
-    config: ModelConfig, max_num_seqs: int, max_model_len: int, block_size: int, dtype: torch.dtype
+    config: ModelConfig,
+    max_num_seqs: int,
+    max_model_len: int,
+    block_size: int,
+    dtype: torch.dtype,
+    max_num_batched_tokens: int = 2048,
 ) -> int:
-    """Enough for max_num_seqs sequences of max_model_len tokens each, sliding rings included."""
-    per_seq = config.kv_slots_per_sequence(max_model_len, block_size)
-    return max_num_seqs * per_seq * config.kv_bytes_per_token_layer(dtype.itemsize)
+    """Enough for max_num_seqs sequences of max_model_len tokens each, the sliding pool included."""
+    per_block_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    sliding_layers = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
+    full_layers = config.num_hidden_layers - sliding_layers
+    full_blocks = max_num_seqs * math.ceil(max_model_len / block_size)
+    sliding_blocks = sliding_pool_blocks(config, max_num_seqs, block_size, max_num_batched_tokens)
+    return (full_layers * full_blocks + sliding_layers * sliding_blocks) * per_block_layer

@@ -26,6 +26,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     blocks: SequenceBlocks | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks so far
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
 
     @property
     def num_tokens(self) -> int:
@@ -35,4 +37,6 @@ class Sequence:
         prompt = len(self.prompt_ids)
         if stop <= prompt:
             return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        if start >= prompt:
+            return self.output_ids[start - prompt : stop - prompt]
+        return self.prompt_ids[start:] + self.output_ids[: stop - prompt]

@@ -51,6 +51,11 @@ class Occupancy:
     running: int
     waiting: int
     kv_usage: float
+    full_blocks_used: int
+    sliding_blocks_used: int
+    prefix_query_tokens: int  # cumulative: prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int  # cumulative: of those, found cached
+    preemptions: int  # cumulative
 
 
 class StepProfiler:

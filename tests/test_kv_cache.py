@@ -1,25 +1,41 @@
 import pytest
 import torch
 
+from router.block_pool import BlockPool
 from router.config import ModelConfig
-from router.kv_cache import FULL, SLIDING, BlockAllocator, KVCache, SequenceBlocks
-from tests.toolkit import tiny_config
+from router.engine_core import default_cache_bytes
+from router.kv_cache import DROPPED, FULL, SLIDING, KVCache, SequenceBlocks, sliding_pool_blocks
 
 KV_HEADS, HEAD_DIM = 2, 8
 
 
-pytestmark = pytest.mark.usefixtures("one_compute_thread")
+@pytest.fixture(autouse=True, scope="module")
+def _one_compute_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _config(layer_types: list[str], window: int = 5) -> ModelConfig:
     return ModelConfig.from_dict(
-        tiny_config(
-            num_hidden_layers=len(layer_types),
-            num_key_value_heads=KV_HEADS,
-            head_dim=HEAD_DIM,
-            sliding_window=window,
-            layer_types=layer_types,
-        )
+        {
+            "architectures": ["AfmoeForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": len(layer_types),
+            "num_dense_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "sliding_window": window,
+            "layer_types": layer_types,
+        }
     )
 
 
@@ -38,110 +54,143 @@ def _cache(
     config = _config(layer_types, window)
     sliding = sum(t == "sliding_attention" for t in layer_types)
     full = len(layer_types) - sliding
-    ring_len = -(-max(window - 1, 1) // block_size) if sliding else 0
     block_bytes = 2 * block_size * KV_HEADS * HEAD_DIM * 4
-    budget = max_num_seqs * ring_len * block_bytes * sliding + full_blocks * block_bytes * full
-    return KVCache(config, budget, max_num_seqs, block_size, torch.float32, torch.device("cpu"))
+    sliding_blocks = sliding_pool_blocks(config, max_num_seqs, block_size, 64)
+    budget = (sliding_blocks * sliding + full_blocks * full) * block_bytes
+    cache = KVCache(config, budget, max_num_seqs, block_size, torch.float32, torch.device("cpu"), 64)
+    assert cache.full.num_blocks == (full_blocks if full else 0)
+    return cache
 
 
-# ---------------------------------------------------------------------------------------------- allocator
+# ---------------------------------------------------------------------------------------------- pool
 
 
-def test_block_allocator_allocates_distinct_blocks_until_exhausted() -> None:
-    alloc = BlockAllocator(5)
-    a = alloc.allocate(3)
-    assert len(a) == len(set(a)) == 3 and alloc.num_free == 2
-    assert alloc.allocate(0) == [] and alloc.num_free == 2
-    b = alloc.allocate(2)
-    assert set(a) | set(b) == set(range(5)) and alloc.num_free == 0
+def test_block_pool_allocates_distinct_blocks_until_exhausted() -> None:
+    pool = BlockPool(5)
+    a = pool.allocate(3)
+    assert len(a) == len(set(a)) == 3 and pool.num_free == 2 and pool.num_used == 3
+    assert pool.allocate(0) == [] and pool.num_free == 2
+    b = pool.allocate(2)
+    assert set(a) | set(b) == set(range(5)) and pool.num_free == 0
     with pytest.raises(MemoryError, match="1 blocks wanted, 0 free"):
-        alloc.allocate(1)
-    alloc.release(a)
-    assert alloc.num_free == 3
-    c = alloc.allocate(3)
-    assert set(c) == set(a)
+        pool.allocate(1)
+    pool.release(a)
+    assert pool.num_free == 3
+    assert set(pool.allocate(3)) == set(a)
 
 
-def test_block_allocator_refuses_more_than_free_and_keeps_state() -> None:
-    alloc = BlockAllocator(4)
-    alloc.allocate(2)
+def test_block_pool_refuses_more_than_free_and_keeps_state() -> None:
+    pool = BlockPool(4)
+    pool.allocate(2)
     with pytest.raises(MemoryError):
-        alloc.allocate(3)
-    assert alloc.num_free == 2
+        pool.allocate(3)
+    assert pool.num_free == 2
+
+
+def test_block_pool_counts_references_and_refuses_a_double_release() -> None:
+    pool = BlockPool(3)
+    (block,) = pool.allocate(1)
+    pool.touch([block])
+    pool.release([block])
+    assert not pool.is_free(block)  # one reference left
+    pool.release([block])
+    assert pool.is_free(block)
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release([block])
 
 
 # ---------------------------------------------------------------------------------------------- sizing
 
 
-def test_budget_gives_rings_first_and_the_rest_to_full_blocks() -> None:
-    config = _config(MIXED, window=5)  # 3 sliding layers, 1 full; ring = ceil(4 / 4) = 1 block
-    ring_bytes = 4 * 1 * BLOCK_BYTES * 3  # 4 sequences
-    budget = ring_bytes + 10 * BLOCK_BYTES + BLOCK_BYTES - 1  # 10 full blocks and change
-    cache = KVCache(config, budget, 4, 4, torch.float32, torch.device("cpu"))
-    assert cache.ring_len == 1
-    assert cache.ring_blocks.num_blocks == 4
-    assert cache.full_blocks.num_blocks == 10
+def test_budget_gives_the_sliding_pool_its_share_and_the_rest_to_full_blocks() -> None:
+    config = _config(MIXED, window=5)  # 3 sliding layers, 1 full; a window is ceil(4 / 4) = 1 block
+    sliding_blocks = 4 * (1 + 2) + 2  # 4 sequences (window + 2 edge blocks each), an 8-token chunk
+    sliding_bytes = sliding_blocks * BLOCK_BYTES * 3
+    budget = sliding_bytes + 10 * BLOCK_BYTES + BLOCK_BYTES - 1  # 10 full blocks and change
+    cache = KVCache(config, budget, 4, 4, torch.float32, torch.device("cpu"), max_num_batched_tokens=8)
+    assert sliding_pool_blocks(config, 4, 4, 8) == sliding_blocks == cache.sliding.num_blocks
+    assert cache.full.num_blocks == 10
     assert cache.nbytes <= budget
-    assert cache.nbytes == ring_bytes + 10 * BLOCK_BYTES
-    assert [tuple(k.shape) for k in cache.k] == [(16, KV_HEADS, HEAD_DIM)] * 3 + [(40, KV_HEADS, HEAD_DIM)]
+    assert cache.nbytes == sliding_bytes + 10 * BLOCK_BYTES
+    rows = sliding_blocks * 4
+    assert [tuple(k.shape) for k in cache.k] == [(rows, KV_HEADS, HEAD_DIM)] * 3 + [(40, KV_HEADS, HEAD_DIM)]
     assert cache.group_of == [SLIDING, SLIDING, SLIDING, FULL]
+
+
+def test_default_budget_holds_max_num_seqs_full_sequences() -> None:
+    config = _config(MIXED, window=5)
+    budget = default_cache_bytes(config, 3, 40, 4, torch.float32, max_num_batched_tokens=8)
+    cache = KVCache(config, budget, 3, 4, torch.float32, torch.device("cpu"), max_num_batched_tokens=8)
+    assert cache.full.num_blocks == 3 * 10 and cache.nbytes == budget
 
 
 def test_budget_too_small_for_one_full_block_is_refused() -> None:
     config = _config(MIXED, window=5)
-    ring_bytes = 4 * BLOCK_BYTES * 3
+    sliding_bytes = sliding_pool_blocks(config, 4, 4, 2048) * BLOCK_BYTES * 3
     with pytest.raises(ValueError, match="too small"):
-        KVCache(config, ring_bytes + BLOCK_BYTES - 1, 4, 4, torch.float32, torch.device("cpu"))
+        KVCache(config, sliding_bytes + BLOCK_BYTES - 1, 4, 4, torch.float32, torch.device("cpu"))
 
 
 def test_all_full_and_all_sliding_models() -> None:
     full = _cache(["full_attention"] * 2, full_blocks=6)
-    assert full.ring_len == 0 and full.ring_blocks.num_blocks == 0
-    assert full.full_blocks.num_blocks == 6
+    assert full.sliding.num_blocks == 0 and full.full.num_blocks == 6
     assert full.blocks_for(9) == 3
     sliding = _cache(["sliding_attention"] * 2, window=9, max_num_seqs=3)
-    assert sliding.full_blocks.num_blocks == 0
-    assert sliding.ring_len == 2 and sliding.ring_blocks.num_blocks == 6
-    assert sliding.blocks_for(10_000) == 0  # length costs a sliding-only model nothing
-    assert sliding.can_allocate(10_000)
-
-
-@pytest.mark.parametrize(
-    ("window", "block_size", "ring_len"), [(5, 4, 1), (6, 4, 2), (1, 4, 1), (2, 1, 1), (9, 4, 2), (17, 4, 4)]
-)
-def test_ring_holds_window_minus_one_positions(window: int, block_size: int, ring_len: int) -> None:
-    cache = _cache(window=window, block_size=block_size)
-    assert cache.ring_len == ring_len
-    assert cache.ring_len * block_size >= window - 1
-    assert (cache.ring_len - 1) * block_size < max(window - 1, 1)
+    assert sliding.full.num_blocks == 0
+    assert sliding.blocks_for(10_000) == 0  # length costs a sliding-only model no full blocks
+    blocks = SequenceBlocks()
+    for end in range(8, 10_000, 8):  # prefill in chunks of 8: the sliding blocks held stay bounded
+        sliding.grow(blocks, end)
+        sliding.trim(blocks, end)
+        assert len(blocks.sliding) - blocks.dropped <= 3
+    assert blocks.full == []
 
 
 # ---------------------------------------------------------------------------------------------- allocation
 
 
-def test_can_allocate_needs_full_blocks_and_a_ring() -> None:
+def test_blocks_are_taken_as_the_sequence_grows() -> None:
     cache = _cache(full_blocks=8, max_num_seqs=2)
-    assert cache.can_allocate(32) and not cache.can_allocate(33)
-    a = cache.allocate(9)  # 3 full blocks + 1 ring block
-    assert len(a.full) == 3 and len(a.ring) == 1
-    b = cache.allocate(4)
-    assert not cache.can_allocate(1)  # full blocks left, but both rings are taken
+    a = SequenceBlocks()
+    assert cache.can_grow(a, 32) and not cache.can_grow(a, 33)
+    cache.grow(a, 9)  # 3 blocks in each group
+    assert len(a.full) == 3 and len(a.sliding) == 3
+    cache.grow(a, 12)  # still inside the third block
+    assert len(a.full) == 3
+    cache.grow(a, 13)
+    assert len(a.full) == 4 and cache.full.num_free == 4
+    with pytest.raises(MemoryError):
+        cache.grow(a, 40)
+    assert len(a.full) == 4  # a refused grow takes nothing
     cache.release(a)
-    assert a.full == [] and a.ring == []
-    assert cache.can_allocate(28) and not cache.can_allocate(29)  # b holds 1 of the 8 full blocks
-    cache.release(b)
-    assert cache.full_blocks.num_free == 8 and cache.ring_blocks.num_free == 2
+    assert a.full == [] and a.sliding == []
+    assert cache.full.num_free == 8 and cache.sliding.num_free == cache.sliding.num_blocks
+
+
+def test_trim_hands_back_exactly_the_sliding_blocks_out_of_the_window() -> None:
+    cache = _cache(window=5, full_blocks=16)  # keys seen from position p on: p - 4 and later
+    blocks = SequenceBlocks()
+    cache.grow(blocks, 20)
+    held = list(blocks.sliding)
+    cache.trim(blocks, 8)  # queries from 8 see 4..: block 0 (0-3) is out
+    assert blocks.sliding[:2] == [DROPPED, held[1]] and cache.sliding.is_free(held[0])
+    cache.trim(blocks, 11)  # 7..: block 1 (4-7) is still needed
+    assert blocks.sliding[1] == held[1]
+    cache.trim(blocks, 12)  # 8..
+    assert blocks.sliding[:3] == [DROPPED, DROPPED, held[2]]
+    assert len(blocks.full) == 5 and not any(cache.full.is_free(b) for b in blocks.full)
+    cache.release(blocks)
+    assert cache.sliding.num_free == cache.sliding.num_blocks
 
 
 def test_usage() -> None:
-    cache = _cache(full_blocks=10, max_num_seqs=2)  # 10 full + 2 ring blocks
+    cache = _cache(full_blocks=10, max_num_seqs=2)
+    total = 10 + cache.sliding.num_blocks
     assert cache.usage() == 0.0
-    blocks = cache.allocate(9)  # 3 + 1
-    assert cache.usage() == pytest.approx(4 / 12)
-    other = cache.allocate(28)  # 7 + 1
-    assert cache.usage() == pytest.approx(1.0)
+    blocks = SequenceBlocks()
+    cache.grow(blocks, 9)  # 3 + 3
+    assert cache.usage() == pytest.approx(6 / total)
     cache.release(blocks)
-    cache.release(other)
     assert cache.usage() == 0.0
 
 
@@ -162,7 +211,10 @@ class FakeKeys:
         }
 
     def step(self, starts: list[int], lengths: list[int], blocks: list[SequenceBlocks]):
-        """Runs one step; returns {group: {(seq, qpos): [visible key positions]}}."""
+        """Runs one step (growing the blocks first, trimming them after); returns
+        {group: {(seq, qpos): [visible key positions]}}."""
+        for seq_blocks, start, n in zip(blocks, starts, lengths, strict=True):
+            self.cache.grow(seq_blocks, start + n)
         batch = self.cache.build(starts, lengths, blocks)
         assert batch.positions.tolist() == [
             p for s, n in zip(starts, lengths, strict=True) for p in range(s, s + n)
@@ -201,11 +253,13 @@ class FakeKeys:
             for part in batch.parts:
                 index = part.groups[group]
                 for t, slot in zip(index.write_tokens.tolist(), index.write_slots.tolist(), strict=True):
-                    mine = blocks[owner[t]].full if group == FULL else blocks[owner[t]].ring
+                    mine = blocks[owner[t]].full if group == FULL else blocks[owner[t]].sliding
                     assert slot // self.cache.block_size in mine, (
                         "a key written outside its sequence's blocks"
                     )
                 store[index.write_slots] = batch.positions[index.write_tokens]
+        for seq_blocks, start, n in zip(blocks, starts, lengths, strict=True):
+            self.cache.trim(seq_blocks, start + n)
         return seen
 
 
@@ -218,7 +272,7 @@ def test_build_mixed_batch_parts_positions_and_masks() -> None:
     cache = _cache(window=5)
     fake = FakeKeys(cache)
     prompt_a = 6
-    blocks = [cache.allocate(20), cache.allocate(20), cache.allocate(20)]
+    blocks = [SequenceBlocks() for _ in range(3)]
     # step 1: A prefills its whole prompt, B its first 4 tokens
     fake.step([0, 0], [prompt_a, 4], blocks[:2])
     # step 2: A decodes, B prefills 5 more, C prefills 3: one decode part and one padded prefill part
@@ -242,22 +296,22 @@ def test_build_mixed_batch_parts_positions_and_masks() -> None:
 @pytest.mark.parametrize(
     ("window", "block_size", "chunks"),
     [
-        (5, 4, [3, 1, 1]),  # the ring is exactly window - 1 slots
-        (5, 4, [13, 1]),  # a chunk longer than the ring
-        (6, 4, [2, 7]),  # the ring is longer than window - 1
+        (5, 4, [3, 1, 1]),  # the window is exactly one block
+        (5, 4, [13, 1]),  # a chunk longer than the window
+        (6, 4, [2, 7]),  # a window over two blocks
         (7, 2, [1, 1, 5, 2]),
         (3, 4, [9]),
         (1, 2, [4]),  # window 1: a key sees only itself
     ],
 )
-def test_ring_keeps_the_last_window_positions_readable_over_many_steps(
+def test_the_last_window_positions_stay_readable_over_many_steps(
     window: int, block_size: int, chunks: list[int]
 ) -> None:
     """Three sequences that prefill in chunks, then decode for 30 steps, side by side with offsets."""
     total = 40
     cache = _cache(window=window, block_size=block_size, full_blocks=3 * -(-total // block_size))
     fake = FakeKeys(cache)
-    blocks = [cache.allocate(total) for _ in range(3)]
+    blocks = [SequenceBlocks() for _ in range(3)]
     plans = []
     for seq in range(3):
         lengths = chunks[seq:] + chunks[:seq]  # a different chunking per sequence
@@ -283,7 +337,8 @@ def test_ring_keeps_the_last_window_positions_readable_over_many_steps(
 def test_build_masks_for_sliding_window_are_exact_on_a_long_prefill() -> None:
     window = 4
     cache = _cache(window=window)
-    blocks = cache.allocate(12)
+    blocks = SequenceBlocks()
+    cache.grow(blocks, 12)
     batch = cache.build([0], [12], [blocks])
     (part,) = batch.parts
     for group in (FULL, SLIDING):
@@ -294,8 +349,6 @@ def test_build_masks_for_sliding_window_are_exact_on_a_long_prefill() -> None:
             for kp in range(12):
                 visible = kp <= q and (group == FULL or q - window < kp)
                 assert bool(mask[q, kp]) == visible, (group, q, kp)
-    # a long chunk keeps only the keys that later steps can still see in the ring
-    sliding = part.groups[SLIDING]
-    kept = sorted(batch.positions[sliding.write_tokens].tolist())
-    assert kept == list(range(12 - cache.ring_len * cache.block_size, 12))
-    assert sorted(batch.positions[part.groups[FULL].write_tokens].tolist()) == list(range(12))
+    # every key is written in both groups: sliding blocks stay whole, so the prefix cache can reuse them
+    for group in (FULL, SLIDING):
+        assert sorted(batch.positions[part.groups[group].write_tokens].tolist()) == list(range(12))

@@ -146,6 +146,20 @@ def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_mode
     assert metrics._pending.expert_tokens == {}  # consumed by the flush
 
 
+def test_prefix_cache_preemption_and_block_metrics(recorded, demo_model):
+    core = local_core(demo_model)  # 16-token blocks
+    metrics = EngineMetrics(core, "demo", "i", lambda: True, lambda: 0, flush_interval_s=3600)
+    prompt = list(range(20, 60))
+    run(core, metrics, {"a": prompt}, new=2)
+    run(core, metrics, {"b": prompt}, new=2)  # finds a's two full blocks
+    assert recorded["moe_prefix_cache_queries"].total() == 2 * len(prompt)
+    assert recorded["moe_prefix_cache_hits"].total() == 32
+    assert recorded["moe_preemptions"].last() == 0
+    blocks = recorded["moe_kv_cache_blocks_in_use"]
+    assert max(v for v, _ in blocks.points) > 0
+    assert blocks.last(group="full") == blocks.last(group="sliding") == 0
+
+
 def test_per_layer_expert_series_only_behind_the_flag(recorded, demo_model):
     core = local_core(demo_model)
     metrics = EngineMetrics(core, "demo", "i", lambda: True, lambda: 0, flush_interval_s=3600)

@@ -35,6 +35,7 @@ NON_DEFAULT = {
     "max_waiting": 5,
     "kv_cache_bytes": 4 << 20,
     "block_size": 8,
+    "prefix_caching": False,
     "gpu_memory_utilization": 0.5,
     "collective_timeout_s": 17.0,
     "placement_strategy": "SPREAD",

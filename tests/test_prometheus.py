@@ -135,7 +135,8 @@ def query(prometheus: str, expr: str) -> list[dict]:
 
 
 def send_traffic(base: str, model: str) -> None:
-    """Completions and chats, streamed and not, concurrent (batches > 1), plus a 400 and a 404."""
+    """Completions and chats, streamed and not, concurrent (batches > 1), a prompt sent twice (prefix
+    cache hits), plus a 400 and a 404."""
     prompts = ["The experts", "Once upon a time", "A list of things", "Mixture of experts route"]
 
     def complete(i: int) -> int:
@@ -151,6 +152,9 @@ def send_traffic(base: str, model: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(complete, range(16)))
     assert statuses == [200] * 16
+    shared = {"model": model, "prompt": "The harbour town woke slowly. " * 8, "max_tokens": 4}
+    for _ in range(2):  # one after the other: the second finds the first's prompt in the prefix cache
+        assert httpx.post(f"{base}/v1/completions", json=shared, timeout=120).status_code == 200
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     assert httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120).status_code == 200
     bad = {"model": model, "prompt": "x", "max_tokens": -1}
@@ -212,7 +216,7 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
             print(f"panels whose series Ray had dropped again by the end: {sorted(set(now_empty))}")
 
             expected = {k: v for k, v in before.items() if v}
-            for status, sent in {"200": 17.0, "400": 1.0, "404": 1.0}.items():
+            for status, sent in {"200": 19.0, "400": 1.0, "404": 1.0}.items():
                 expected[status] = expected.get(status, 0.0) + sent
             wait_for(lambda: counts_by_status() == expected, 60, interval=2)  # Ray reports every 10 s
             assert counts_by_status() == expected

@@ -3,7 +3,7 @@ import torch
 
 from router.config import ModelConfig
 from router.errors import QueueFull
-from router.kv_cache import KVCache
+from router.kv_cache import DROPPED, KVCache, sliding_pool_blocks
 from router.sampling import SamplingParams, SamplingState
 from router.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from router.sequence import Sequence, Status
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _cache(full_blocks: int = 64, max_num_seqs: int = 8) -> KVCache:
-    """One sliding layer (window 5: a one-block ring) and one full layer; fp32, 2 KV heads of 8."""
+    """One sliding layer (window 5: one block of window) and one full layer; fp32, 2 KV heads of 8."""
     config = ModelConfig.from_dict(
         {
             "architectures": ["AfmoeForCausalLM"],
@@ -34,9 +34,9 @@ def _cache(full_blocks: int = 64, max_num_seqs: int = 8) -> KVCache:
         }
     )
     block_bytes = 2 * BLOCK * 2 * 8 * 4
-    budget = (max_num_seqs + full_blocks) * block_bytes
-    cache = KVCache(config, budget, max_num_seqs, BLOCK, torch.float32, torch.device("cpu"))
-    assert cache.full_blocks.num_blocks == full_blocks and cache.ring_blocks.num_blocks == max_num_seqs
+    budget = (sliding_pool_blocks(config, max_num_seqs, BLOCK, 64) + full_blocks) * block_bytes
+    cache = KVCache(config, budget, max_num_seqs, BLOCK, torch.float32, torch.device("cpu"), 64)
+    assert cache.full.num_blocks == full_blocks
     return cache
 
 
@@ -45,14 +45,24 @@ def _seq(name: str, prompt: int, max_tokens: int = 8) -> Sequence:
     return Sequence(name, list(range(prompt)), SamplingState(params, 0), max_len=prompt + max_tokens)
 
 
-def _run(step: ScheduledStep) -> None:
+def _run(sched: Scheduler, step: ScheduledStep, token: int = 1) -> None:
     """What the engine does after a step: count computed tokens, append a token where one is sampled."""
-    for seq, start, n, samples in zip(step.seqs, step.starts, step.lengths, step.samples, strict=True):
+    for seq, start, n in zip(step.seqs, step.starts, step.lengths, strict=True):
         assert start == seq.num_computed
-        seq.num_computed += n
+        assert len(seq.blocks.full) * BLOCK >= start + n, "a step computes tokens without their blocks"
+    sched.computed(step)
+    for seq, samples in zip(step.seqs, step.samples, strict=True):
         assert samples == (seq.num_computed == seq.num_tokens)
         if samples:
-            seq.output_ids.append(1)
+            seq.output_ids.append(token)
+
+
+def _run_and_finish(sched: Scheduler, step: ScheduledStep) -> None:
+    """_run, then finish the sequences that reached their max_tokens."""
+    _run(sched, step)
+    for seq in list(step.seqs):
+        if len(seq.output_ids) >= seq.sampling.params.max_tokens:
+            sched.finish(seq, "length")
 
 
 def _lengths(step: ScheduledStep | None) -> dict[str, int]:
@@ -64,7 +74,7 @@ def test_decodes_are_scheduled_before_prefills() -> None:
     a, b = _seq("a", 3), _seq("b", 2)
     sched.add(a)
     sched.add(b)
-    _run(sched.schedule())  # both prompts fit: a and b decode from now on
+    _run(sched, sched.schedule())  # both prompts fit: a and b decode from now on
     c = _seq("c", 20)
     sched.add(c)
     step = sched.schedule()
@@ -77,9 +87,9 @@ def test_decodes_go_first_whatever_the_running_order() -> None:
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=4), _cache())
     long, short = _seq("long", 10), _seq("short", 2)
     sched.add(short)
-    _run(sched.schedule())  # short prefilled, now decoding
+    _run(sched, sched.schedule())  # short prefilled, now decoding
     sched.add(long)
-    _run(sched.schedule())  # short decodes, long takes 3 of its 10
+    _run(sched, sched.schedule())  # short decodes, long takes 3 of its 10
     sched.running.reverse()  # running order: long (prefilling), short (decoding)
     step = sched.schedule()
     assert _lengths(step) == {"short": 1, "long": 3}
@@ -91,7 +101,7 @@ def test_a_long_prompt_is_chunked_while_a_decode_runs_every_step() -> None:
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget), _cache())
     decoder = _seq("decoder", 2, max_tokens=30)
     sched.add(decoder)
-    _run(sched.schedule())
+    _run(sched, sched.schedule())
     prompt = 17
     sched.add(_seq("long", prompt))
     chunks = []
@@ -102,7 +112,7 @@ def test_a_long_prompt_is_chunked_while_a_decode_runs_every_step() -> None:
         assert lengths["decoder"] == 1 and step.seqs[0] is decoder
         chunks.append(lengths.get("long", 0))
         long_done = dict(zip([s.request_id for s in step.seqs], step.samples, strict=True)).get("long", False)
-        _run(step)
+        _run(sched, step)
         if long_done:
             break
     assert chunks == [4, 4, 4, 4, 1]  # the prompt spread over steps, never starving the decode
@@ -121,10 +131,7 @@ def test_step_tokens_never_exceed_the_budget() -> None:
         step = sched.schedule()
         assert step is not None and 0 < sum(step.lengths) <= budget
         assert all(n > 0 for n in step.lengths)
-        _run(step)
-        for seq in list(step.seqs):
-            if len(seq.output_ids) >= seq.sampling.params.max_tokens:
-                sched.finish(seq, "length")
+        _run_and_finish(sched, step)
         steps += 1
         assert steps < 100
     assert sched.schedule() is None
@@ -137,11 +144,11 @@ def test_max_num_seqs_is_respected() -> None:
         sched.add(seq)
     step = sched.schedule()
     assert [s.request_id for s in step.seqs] == ["s0", "s1"]
-    _run(step)
+    _run(sched, step)
     for _ in range(3):
         step = sched.schedule()
         assert len(step.seqs) == 2 and len(sched.running) == 2
-        _run(step)
+        _run(sched, step)
     assert [s.status for s in seqs] == [Status.RUNNING] * 2 + [Status.WAITING] * 3
     sched.finish(seqs[0], "stop")
     step = sched.schedule()
@@ -149,32 +156,21 @@ def test_max_num_seqs_is_respected() -> None:
 
 
 def test_admission_waits_for_kv_blocks_and_proceeds_after_finish() -> None:
-    cache = _cache(full_blocks=5)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), cache)
-    first = _seq("first", 8, max_tokens=4)  # 12 tokens: 3 blocks
-    second = _seq("second", 5, max_tokens=4)  # 9 tokens: 3 blocks, only 2 left
+    cache = _cache(full_blocks=4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, prefix_caching=False), cache)
+    first = _seq("first", 9, max_tokens=4)  # its prompt takes 3 blocks
+    second = _seq("second", 5, max_tokens=4)  # its prompt needs 2, only 1 left
     sched.add(first)
     sched.add(second)
     step = sched.schedule()
-    assert _lengths(step) == {"first": 8}
+    assert _lengths(step) == {"first": 9}
     assert second.status == Status.WAITING and second.blocks is None
-    _run(step)
+    _run(sched, step)
     assert _lengths(sched.schedule()) == {"first": 1}
     sched.finish(first, "stop")
     step = sched.schedule()
     assert _lengths(step) == {"second": 5}
-    assert second.status == Status.RUNNING and len(second.blocks.full) == 3
-
-
-def test_admission_waits_for_a_sliding_window_ring() -> None:
-    cache = _cache(full_blocks=64, max_num_seqs=1)  # one ring in the whole cache
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), cache)
-    a, b = _seq("a", 3), _seq("b", 3)
-    sched.add(a)
-    sched.add(b)
-    assert _lengths(sched.schedule()) == {"a": 3}
-    sched.finish(a, "stop")
-    assert _lengths(sched.schedule()) == {"b": 3}
+    assert second.status == Status.RUNNING and len(second.blocks.full) == 2
 
 
 def test_queue_full_once_slots_and_waiting_places_are_taken() -> None:
@@ -206,15 +202,119 @@ def test_finish_releases_blocks_and_forgets_the_sequence() -> None:
     sched = Scheduler(SchedulerConfig(), cache)
     running, waiting = _seq("running", 6, max_tokens=6), _seq("waiting", 2)
     sched.add(running)
-    _run(sched.schedule())
-    assert cache.full_blocks.num_free == 7 and cache.ring_blocks.num_free == 1
+    _run(sched, sched.schedule())
+    assert cache.full.num_free == 8 and cache.sliding.num_used == 2
     sched.finish(running, "length")
     assert running.status == Status.FINISHED and running.finish_reason == "length"
     assert running.blocks is None and running not in sched.running
-    assert cache.full_blocks.num_free == 10 and cache.ring_blocks.num_free == 2
+    assert cache.full.num_free == 10 and cache.sliding.num_used == 0
     assert cache.usage() == 0.0
     sched.add(waiting)
     sched.finish(waiting, "abort")  # a waiting sequence holds no blocks; it just leaves the queue
     assert waiting.status == Status.FINISHED and not sched.waiting
-    assert cache.full_blocks.num_free == 10
+    assert cache.full.num_free == 10
     assert not sched.has_work() and sched.schedule() is None
+
+
+# ---------------------------------------------------------------------------------------------- preemption
+
+
+def _check_blocks(sched: Scheduler) -> None:
+    """Every reference a running sequence holds is counted, and no block is both free and in use."""
+    cache = sched.cache
+    for pool, tables in (
+        (cache.full, [s.blocks.full for s in sched.running]),
+        (cache.sliding, [[b for b in s.blocks.sliding if b != DROPPED] for s in sched.running]),
+    ):
+        held = [0] * pool.num_blocks
+        for table in tables:
+            for block in table:
+                held[block] += 1
+        assert held == pool.refs
+        for block in range(pool.num_blocks):
+            assert pool.is_free(block) == (pool.refs[block] == 0), f"block {block}"
+    assert all(s.blocks is None for s in sched.waiting)
+
+
+def test_the_most_recently_admitted_sequence_is_preempted_and_all_its_blocks_freed() -> None:
+    cache = _cache(full_blocks=6)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, prefix_caching=False), cache)
+    seqs = {name: _seq(name, 8, max_tokens=20) for name in "abc"}  # 2 blocks each: the cache is full
+    for seq in seqs.values():
+        sched.add(seq)
+    _run(sched, sched.schedule())
+    assert cache.full.num_free == 0 and [s.request_id for s in sched.running] == ["a", "b", "c"]
+    c_full, c_sliding = list(seqs["c"].blocks.full), list(seqs["c"].blocks.sliding)
+    step = sched.schedule()  # a needs a third block: c, the newest, makes room; b then takes c's other one
+    assert _lengths(step) == {"a": 1, "b": 1}
+    assert sched.stats.preemptions == 1
+    c = seqs["c"]
+    assert c.status == Status.WAITING and c.blocks is None and c.num_computed == 0
+    assert list(sched.waiting) == [c]
+    a, b = seqs["a"].blocks, seqs["b"].blocks
+    assert sorted(c_full) == sorted([a.full[2], b.full[2]])  # c's blocks went to a and b's new tokens
+    assert all(cache.sliding.refs[x] == 0 or x in a.sliding + b.sliding for x in c_sliding)
+    _check_blocks(sched)
+    _run(sched, step)
+    for _ in range(3):  # a and b decode inside their third block
+        _run(sched, sched.schedule())
+    step = sched.schedule()  # both want a fourth block, none is free: b (newer than a) goes
+    assert _lengths(step) == {"a": 1} and sched.stats.preemptions == 2
+    assert [s.request_id for s in sched.waiting] == ["b", "c"]  # preempted ones keep their order
+    _check_blocks(sched)
+
+
+def test_a_preempted_sequence_is_recomputed_from_prompt_and_output() -> None:
+    cache = _cache(full_blocks=5)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, prefix_caching=False), cache)
+    a, b = _seq("a", 8, max_tokens=8), _seq("b", 8, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    while b.status is not Status.WAITING or not b.output_ids:
+        step = sched.schedule()
+        _run(sched, step, token=7)
+    assert b.num_computed == 0 and b.output_ids
+    generated = len(b.output_ids)
+    sched.finish(a, "stop")
+    step = sched.schedule()
+    assert _lengths(step) == {"b": 8 + generated} and step.samples == [True]  # one step: prompt + output
+    assert step.starts == [0]
+    _check_blocks(sched)
+
+
+def test_a_sequence_alone_that_cannot_grow_preempts_itself_and_waits() -> None:
+    cache = _cache(full_blocks=2)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, prefix_caching=False), cache)
+    a = _seq("a", 8, max_tokens=4)
+    sched.add(a)
+    _run(sched, sched.schedule())
+    assert sched.schedule() is None  # a's next token needs a third block that does not exist
+    assert a.status is Status.WAITING and cache.full.num_free == 2
+    _check_blocks(sched)
+
+
+def test_random_workload_keeps_block_accounting_exact() -> None:
+    """Shared prefixes, a small cache, preemptions and finishes: the invariants hold after every step."""
+    generator = torch.Generator().manual_seed(0)
+    cache = _cache(full_blocks=24)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16), cache)
+    shared = list(range(40, 52))
+    for i in range(30):
+        tail = torch.randint(
+            0, 64, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator
+        )
+        prompt = shared[: int(torch.randint(0, 13, (1,), generator=generator))] + tail.tolist()
+        params = SamplingParams(max_tokens=int(torch.randint(1, 16, (1,), generator=generator)))
+        sched.add(
+            Sequence(f"s{i}", prompt, SamplingState(params, 0), max_len=len(prompt) + params.max_tokens)
+        )
+    steps = 0
+    while sched.has_work():
+        step = sched.schedule()
+        _check_blocks(sched)
+        if step is not None:
+            _run_and_finish(sched, step)
+        steps += 1
+        assert steps < 2000
+    assert sched.stats.preemptions > 0 and sched.stats.prefix_hit_tokens > 0
+    assert cache.full.num_used == 0 and cache.sliding.num_used == 0

@@ -55,11 +55,22 @@ class ModelInstance:
             gpu_cache_budget(config.gpu_memory_utilization)
             if self.device.type == "cuda"
             else default_cache_bytes(
-                self.model_config, config.max_num_seqs, config.max_model_len, config.block_size, dtype
+                self.model_config,
+                config.max_num_seqs,
+                config.max_model_len,
+                config.block_size,
+                dtype,
+                config.max_num_batched_tokens,
             )
         )
         cache = KVCache(
-            self.model_config, cache_bytes, config.max_num_seqs, config.block_size, dtype, self.device
+            self.model_config,
+            cache_bytes,
+            config.max_num_seqs,
+            config.block_size,
+            dtype,
+            self.device,
+            config.max_num_batched_tokens,
         )
         self.transport, self._serving = self._form_group()
         placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
@@ -72,7 +83,11 @@ class ModelInstance:
         tokenizer = self.prompts.tokenizer
         eos = tuple(tokenizer.eos_token_ids) if tokenizer else self.model_config.eos_token_ids
         scheduler = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, config.max_waiting
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_model_len,
+            config.max_waiting,
+            config.prefix_caching,
         )
         self.core = EngineCore(
             self.model_config,

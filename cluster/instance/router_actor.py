@@ -130,6 +130,7 @@ class RouterActor:
             "meta_bytes": exchange.meta_bytes,
             "recoveries_s": list(self.engine.recoveries),
             "expert_restarts": self.instance.expert_restarts,
+            **vars(core.scheduler.stats),  # prefix-cache tokens, preemptions, most sequences at once
         }
         if reset:
             core.totals = StepTotals()

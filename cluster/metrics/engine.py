@@ -11,7 +11,8 @@ per flush interval, never per token. It reads what the engine core exposes (`las
 - per step (engine loop): step duration, sequences and tokens per step, and one inter-token latency
   observation: the gap since the previous token-producing step, which every decoding sequence of the
   step waited (so its percentiles are over steps, not tokens);
-- per flush interval (engine loop): running and waiting sequences, KV-cache usage, generated tokens,
+- per flush interval (engine loop): running and waiting sequences, KV-cache usage and blocks in use per
+  layer group, prefix-cache queries and hits (in prompt tokens), preemptions, generated tokens,
   step time split by phase, exchange bytes, tokens routed per expert (totals over layers; per
   (layer, expert) only with `expert_layer_metrics`), per-layer rank imbalance, expert health/restarts;
 - per flush interval (expert actors): expert compute time and rows received per shard.
@@ -124,6 +125,16 @@ class EngineMetrics:
         self.running = gauge("moe_running_sequences", "Sequences being computed (holding KV blocks)")
         self.waiting = gauge("moe_waiting_sequences", "Sequences waiting for admission")
         self.kv_usage = gauge("moe_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+        self.kv_blocks = gauge(
+            "moe_kv_cache_blocks_in_use", "KV-cache blocks referenced by running sequences", "group"
+        )
+        self.prefix_queries = counter(
+            "moe_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (at first admission)"
+        )
+        self.prefix_hits = counter("moe_prefix_cache_hits", "Prompt tokens the prefix cache supplied")
+        self.preemptions = gauge(  # a gauge, as moe_expert_restarts below: it must exist at 0
+            "moe_preemptions", "Sequences preempted for lack of KV blocks (recomputed later) since start"
+        )
         self.phase_seconds = counter(
             "moe_step_phase_seconds", "Router time per step phase (attention, dense, gate, ...)", "phase"
         )
@@ -157,7 +168,7 @@ class EngineMetrics:
         self._generated = 0
         self._prompt = 0
         self._pending = _Pending()
-        self._deltas = {name: Delta() for name in ("generated", "prompt")}
+        self._deltas = {name: Delta() for name in ("generated", "prompt", "queries", "hits")}
         self._next_flush = 0.0
         self._gauges: dict[tuple, tuple[Gauge, float, dict[str, str] | None]] = {}
         self._gauges_lock = threading.Lock()
@@ -216,6 +227,11 @@ class EngineMetrics:
         self._set(self.running, occupancy.running)
         self._set(self.waiting, occupancy.waiting)
         self._set(self.kv_usage, occupancy.kv_usage)
+        self._set(self.kv_blocks, occupancy.full_blocks_used, {"group": "full"})
+        self._set(self.kv_blocks, occupancy.sliding_blocks_used, {"group": "sliding"})
+        self._inc(self.prefix_queries, d["queries"](occupancy.prefix_query_tokens))
+        self._inc(self.prefix_hits, d["hits"](occupancy.prefix_hit_tokens))
+        self._set(self.preemptions, occupancy.preemptions)
         self._inc(self.generation_tokens, d["generated"](self._generated))
         self._inc(self.prompt_tokens, d["prompt"](self._prompt))
         exchange = pending.exchange

@@ -42,6 +42,9 @@ class EngineOptions(BaseModel):
         None, ge=1, description="KV cache budget; default: room for max_num_seqs full sequences (CPU)"
     )
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes computed before (automatic prefix caching)"
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of GPU memory for weights + KV cache"
     )

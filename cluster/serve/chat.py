@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.serve.choices import Opened, sampling, usage, without_empty_chunks
+from cluster.serve.choices import CachedTokens, Opened, sampling, usage, without_empty_chunks
 from cluster.serve.messages import GenerateRequest, JsonOutput, TokenChunk
 from cluster.serve.protocol import ChatCompletionRequest
 from cluster.serve.streaming import collect, merge
@@ -55,6 +55,11 @@ def _logprobs(chunks: list[TokenChunk]) -> dict[str, list[dict]]:
     return {"content": content}
 
 
+def cached_of(choices: list[list[TokenChunk]]) -> int:
+    """The prompt tokens the prefix cache supplied: one prompt, so its first choice's count."""
+    return choices[0][0].cached_tokens if choices and choices[0] else 0
+
+
 async def chat_response(
     body: ChatCompletionRequest, opened: Opened, shape: dict[str, Any], parser: str
 ) -> dict:
@@ -74,7 +79,7 @@ async def chat_response(
         **shape,
         "object": "chat.completion",
         "choices": out,
-        "usage": usage(opened.accepted[0].prompt_tokens, used),
+        "usage": usage(opened.accepted[0].prompt_tokens, used, cached_of(choices)),
     }
 
 
@@ -87,9 +92,10 @@ async def chat_chunks(
     for index in range(body.n):
         start = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         yield {**frame, "choices": [start]}
-    used = 0
+    used, cached = 0, CachedTokens(body.n)
     async for index, chunks in without_empty_chunks(merge(opened.streams)):
         used += len(chunks)
+        cached.see(index, chunks)
         chunks = held.pop(index, []) + chunks
         reader, finish = readers[index], chunks[-1].finish_reason
         deltas = reader.feed("".join(c.text for c in chunks)) + (reader.finish() if finish else [])
@@ -107,4 +113,4 @@ async def chat_chunks(
             }
             yield {**frame, "choices": [choice]}
     if body.include_usage():
-        yield {**frame, "choices": [], "usage": usage(opened.accepted[0].prompt_tokens, used)}
+        yield {**frame, "choices": [], "usage": usage(opened.accepted[0].prompt_tokens, used, cached.total())}

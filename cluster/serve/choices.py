@@ -34,12 +34,28 @@ def sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: the prompt tokens the engine's prefix cache supplied."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+class CachedTokens:
+    """The prefix-cache tokens of each prompt, read from its first choice's first token."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.per_choice = n, {}
+
+    def see(self, index: int, chunks: list[TokenChunk]) -> None:
+        if index % self.n == 0 and chunks and index not in self.per_choice:
+            self.per_choice[index] = chunks[0].cached_tokens
+
+    def total(self) -> int:
+        return sum(self.per_choice.values())
 
 
 @dataclass

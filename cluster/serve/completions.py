@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.serve.choices import Opened, sampling, usage, without_empty_chunks
+from cluster.serve.choices import CachedTokens, Opened, sampling, usage, without_empty_chunks
 from cluster.serve.messages import GenerateRequest, TokenChunk
 from cluster.serve.protocol import CompletionRequest
 from cluster.serve.streaming import collect, merge
@@ -63,7 +63,10 @@ async def completion_response(body: CompletionRequest, opened: Opened, shape: di
             "logprobs": _logprobs(chunks, len(echoed)) if body.logprobs is not None else None,
         }
         out.append(choice)
-    return {**shape, "choices": out, "usage": usage(prompt_tokens(opened, body.n), used)}
+    cached = CachedTokens(body.n)
+    for i, chunks in enumerate(choices):
+        cached.see(i, chunks)
+    return {**shape, "choices": out, "usage": usage(prompt_tokens(opened, body.n), used, cached.total())}
 
 
 async def completion_chunks(
@@ -78,9 +81,10 @@ async def completion_chunks(
                 **shape,
                 "choices": [{"index": i, "text": echoed, "finish_reason": None, "logprobs": None}],
             }
-    used = 0
+    used, cached = 0, CachedTokens(body.n)
     async for index, chunks in without_empty_chunks(merge(opened.streams)):
         used += len(chunks)
+        cached.see(index, chunks)
         choice = {
             "index": index,
             "text": "".join(c.text for c in chunks),
@@ -90,4 +94,4 @@ async def completion_chunks(
         offsets[index] += len(choice["text"])
         yield {**shape, "choices": [choice]}
     if body.include_usage():
-        yield {**shape, "choices": [], "usage": usage(prompt_tokens(opened, body.n), used)}
+        yield {**shape, "choices": [], "usage": usage(prompt_tokens(opened, body.n), used, cached.total())}

@@ -77,7 +77,7 @@ class EngineDeployment:
                 finish = "stop" if text.stopped else event.finish_reason
                 if finish:
                     delta += text.finish()
-                yield TokenChunk(delta, event.token_id, finish, self._logprobs(event))
+                yield TokenChunk(delta, event.token_id, finish, self._logprobs(event), event.cached_tokens)
                 if text.stopped:
                     return
         finally:

@@ -79,6 +79,7 @@ class TokenChunk:
     token_id: int
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache for this choice
 
 
 @dataclass(frozen=True)
