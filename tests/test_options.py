@@ -44,6 +44,7 @@ NON_DEFAULT = {
     "expert_layer_metrics": True,
     "overlap": True,
     "transport": "shm",
+    "prefix_caching": False,
 }
 
 
