@@ -44,7 +44,6 @@ NON_DEFAULT = {
     "expert_layer_metrics": True,
     "overlap": True,
     "transport": "shm",
-    "prefix_caching": False,
 }
 
 

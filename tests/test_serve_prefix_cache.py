@@ -13,7 +13,8 @@ import re
 import httpx
 import pytest
 
-from tests.test_serve_api import served_app, wait_for
+from tests.conftest import served_app
+from tests.toolkit import wait_for
 
 SHARED = "The harbour town woke slowly. Fishing boats came back before sunrise, and the market opened. " * 3
 BASE = {"expert_shards": 2, "router_cpus": 0.5, "expert_cpus": 0.5, "max_model_len": 256, "block_size": 16}
