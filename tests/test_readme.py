@@ -26,7 +26,7 @@ def test_ci_runs_readmes_two_set_up_commands():
     assert runtime.startswith("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && ")
     assert "[dev" not in runtime and "grafana" not in runtime, "command 1 installs the runtime only"
     assert runtime.endswith(
-        'moe-cluster generate --prompt "The experts" --prompt-ids 1,2,3 --max-tokens 24 --json'
+        'moe-cluster generate --prompt "def read_config(path):" --max-tokens 24 --json'
     )
     assert "pytest" in tests and "install-test-tools.sh" in tests and "[dev,grafana]" in tests
     ci = ci_commands()

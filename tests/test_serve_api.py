@@ -284,7 +284,8 @@ def test_completion_logprobs(client, model_name):
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
     for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
         assert chosen <= 0.0
-        assert 1 <= len(top) <= 3  # keyed by text: two tokens that decode alike share an entry
+        # the 3 most likely and the sampled token; keyed by text: two tokens that decode alike share one
+        assert 1 <= len(top) <= 4
         assert all(v <= 0.0 for v in top.values())
         # greedy picks the most likely token (an entry shared by two tokens may show the other one's value)
         assert chosen >= max(top.values()) - 1e-5
@@ -295,7 +296,9 @@ def test_completion_logprobs(client, model_name):
     zero = client.completions.create(
         model=model_name, prompt=LONG_PROMPT, max_tokens=4, temperature=0, logprobs=0
     )
-    assert zero.choices[0].logprobs.top_logprobs == [{}] * 4
+    zero_lp = zero.choices[0].logprobs
+    pairs = zip(zero_lp.tokens, zero_lp.token_logprobs, strict=True)
+    assert zero_lp.top_logprobs == [{token: lp} for token, lp in pairs]  # just the sampled token
     assert zero.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[:4])
 
     texts, _, _ = _stream_completion(client, model=model_name, prompt=LONG_PROMPT, max_tokens=8, logprobs=2)

@@ -36,7 +36,7 @@ BAD_FIELDS = [
     ("wrong-type-model", C, {"model": 3}, 400, "model"),
     ("wrong-type-prompt", C, {"prompt": 5}, 400, None),
     ("wrong-type-prompt-floats", C, {"prompt": [1.5, 2]}, 400, None),
-    ("wrong-type-prompt-strings", C, {"prompt": ["a", "b"]}, 400, None),
+    ("wrong-type-prompt-mixed-list", C, {"prompt": ["a", 1]}, 400, None),
     ("wrong-type-max-tokens", C, {"max_tokens": "5"}, 400, "max_tokens"),
     ("wrong-type-max-tokens-float", C, {"max_tokens": 2.5}, 400, "max_tokens"),
     ("wrong-type-temperature", C, {"temperature": "hot"}, 400, "temperature"),
