@@ -59,7 +59,7 @@ def test_a_required_function_call(client, model_name, stream):
         input="What time is it?",
         tools=[TOOL],
         tool_choice="required",
-        max_output_tokens=200,
+        max_output_tokens=60,
         temperature=1.0,
     )
     if stream:

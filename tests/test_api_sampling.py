@@ -23,25 +23,25 @@ from tests.api_helpers import (
     served,
     stream_texts,
 )
+from tests.serve_api_app import EOS_PROMPT
 
 PROMPT = "A computer program"  # greedy runs long without an end token
-EOS_PROMPT = "The harbour"  # greedy ends with an end token well before 100 tokens
 
 
 @pytest.fixture(scope="module")
-def api_url(serve_http, demo_model) -> Iterator[str]:
-    with served(serve_http, "sampling", app_options(demo_model)) as url:
+def api_url(serve_http, api_model) -> Iterator[str]:
+    with served(serve_http, "sampling", app_options(api_model)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def hf_model(demo_model):
-    return transformers.AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+def hf_model(api_model):
+    return transformers.AutoModelForCausalLM.from_pretrained(api_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_model) -> Tokenizer:
-    return Tokenizer.from_model_dir(demo_model)
+def tokenizer(api_model) -> Tokenizer:
+    return Tokenizer.from_model_dir(api_model)
 
 
 class OpenAIPenalties(transformers.LogitsProcessor):
@@ -77,7 +77,7 @@ CASES = {  # the openai client's own arguments; extensions go in extra_body
         dict(logit_bias={"300": 6.0, "17": -100}),
         dict(sequence_bias={(300,): 6.0, (17,): -100.0}),
     ),
-    "min-tokens": (dict(extra_body={"min_tokens": 85}), dict(min_new_tokens=85)),  # its end comes at 73
+    "min-tokens": (dict(extra_body={"min_tokens": 85}), dict(min_new_tokens=85)),  # its end comes at 11
 }
 
 

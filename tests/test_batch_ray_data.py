@@ -14,7 +14,8 @@ PROMPTS = ["The experts", "Once upon", "def main():", "A", "Ray Data", "import o
 BAD = {
     "no-prompt": ({"id": "no-prompt"}, "exactly one of 'prompt' and 'messages'"),
     "hot": ({"id": "hot", "prompt": "hi", "temperature": -1.0}, "temperature"),
-    "long": ({"id": "long", "prompt": list(range(5, 205))}, "max_model_len"),
+    # a column holds one Arrow type in every block, so the too-long prompt is text as well
+    "long": ({"id": "long", "prompt": "def f(x):\n    return x\n" * 40}, "max_model_len"),
 }
 
 
