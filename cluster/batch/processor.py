@@ -10,6 +10,7 @@ the job.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ def plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     return value
+
+
+def missing(value: Any) -> bool:
+    """A null cell: a field this row does not have (Arrow fills the columns other rows have; numpy turns a
+    null float into NaN, so a NaN cell counts as absent too)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def output_columns(result: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +73,8 @@ class MoEPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         columns = list(batch)
         rows = [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        parsed = [parse_record(i, plain(row), self.defaults) for i, row in enumerate(rows)]
+        records = [{k: v for k, v in plain(row).items() if not missing(v)} for row in rows]
+        parsed = [parse_record(i, record, self.defaults) for i, record in enumerate(records)]
         requests = [p for p in parsed if isinstance(p, Request)]
         answers = iter(
             ray.get(
