@@ -122,10 +122,6 @@ def test_a_named_function_is_the_one_called(client, model_name):
         _assert_valid_calls(choice.message.tool_calls, {"get_time"})
 
 
-@pytest.mark.xfail(
-    reason="open defect: in the merged suite the streamed forced call came back without tool_call deltas "
-    "while the whole one had a call (seeded, same request); not yet diagnosed"
-)
 def test_streamed_tool_call_deltas_assemble_to_the_whole_call(client, model_name):
     request = dict(
         model=model_name,

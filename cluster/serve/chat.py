@@ -93,12 +93,12 @@ async def chat_chunks(
         start = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         yield {**frame, "choices": [start]}
     used, cached = 0, CachedTokens(body.n)
-    async for index, chunks in without_empty_chunks(merge(opened.streams)):
-        used += len(chunks)
-        cached.see(index, chunks)
-        chunks = held.pop(index, []) + chunks
-        reader, finish = readers[index], chunks[-1].finish_reason
-        deltas = reader.feed("".join(c.text for c in chunks)) + (reader.finish() if finish else [])
+    async for index, new in without_empty_chunks(merge(opened.streams)):
+        used += len(new)
+        cached.see(index, new)
+        reader, finish = readers[index], new[-1].finish_reason
+        deltas = reader.feed("".join(c.text for c in new)) + (reader.finish() if finish else [])
+        chunks = held.pop(index, []) + new  # the reader has seen the held text already
         if not deltas and not finish:
             held[index] = chunks
             continue
