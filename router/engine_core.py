@@ -20,6 +20,8 @@ from router.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from router.sequence import Sequence
 from router.step_stats import Occupancy, StepProfiler, StepStats, StepTotals
 
+TYPICAL_SEQUENCE_TOKENS = 4096  # what the default KV budget gives each of max_num_seqs sequences
+
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -265,10 +267,16 @@ def default_cache_bytes(
     dtype: torch.dtype,
     max_num_batched_tokens: int = 2048,
 ) -> int:
-    """Enough for max_num_seqs sequences of max_model_len tokens each, the sliding pool included."""
+    """Room for max_num_seqs sequences of up to TYPICAL_SEQUENCE_TOKENS each, and for one of max_model_len.
+
+    Blocks are taken as tokens are computed, so the budget is sized for the sequences that usually run
+    together, not for max_num_seqs of the longest possible; when longer ones fill it, the newest is
+    preempted. The sliding pool is what max_num_seqs sequences need at once.
+    """
     per_block_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
     sliding_layers = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
     full_layers = config.num_hidden_layers - sliding_layers
-    full_blocks = max_num_seqs * math.ceil(max_model_len / block_size)
+    typical = min(max_model_len, TYPICAL_SEQUENCE_TOKENS)
+    full_blocks = max(max_num_seqs * math.ceil(typical / block_size), math.ceil(max_model_len / block_size))
     sliding_blocks = sliding_pool_blocks(config, max_num_seqs, block_size, max_num_batched_tokens)
     return (full_layers * full_blocks + sliding_layers * sliding_blocks) * per_block_layer

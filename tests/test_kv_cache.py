@@ -117,11 +117,17 @@ def test_budget_gives_the_sliding_pool_its_share_and_the_rest_to_full_blocks() -
     assert cache.group_of == [SLIDING, SLIDING, SLIDING, FULL]
 
 
-def test_default_budget_holds_max_num_seqs_full_sequences() -> None:
+def test_default_budget_holds_max_num_seqs_typical_sequences_and_one_of_max_model_len() -> None:
     config = _config(MIXED, window=5)
     budget = default_cache_bytes(config, 3, 40, 4, torch.float32, max_num_batched_tokens=8)
     cache = KVCache(config, budget, 3, 4, torch.float32, torch.device("cpu"), max_num_batched_tokens=8)
-    assert cache.full.num_blocks == 3 * 10 and cache.nbytes == budget
+    assert cache.full.num_blocks == 3 * 10 and cache.nbytes == budget  # short sequences: all of them
+    long = default_cache_bytes(config, 3, 20_000, 4, torch.float32, max_num_batched_tokens=8)
+    cache = KVCache(config, long, 3, 4, torch.float32, torch.device("cpu"), max_num_batched_tokens=8)
+    assert cache.full.num_blocks == 5000  # one whole 20k sequence, more than 3 x 4,096 tokens
+    many = default_cache_bytes(config, 8, 20_000, 4, torch.float32, max_num_batched_tokens=8)
+    cache = KVCache(config, many, 8, 4, torch.float32, torch.device("cpu"), max_num_batched_tokens=8)
+    assert cache.full.num_blocks == 8 * 1024  # 8 x 4,096 tokens, more than one 20k sequence
 
 
 def test_budget_too_small_for_one_full_block_is_refused() -> None:

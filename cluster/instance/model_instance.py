@@ -50,6 +50,7 @@ class ModelInstance:
         self.expert_restarts = 0
         self.experts = [self._spawn_expert(i) for i in range(config.expert_shards)]
         dtype = config.torch_dtype
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         model = load_router_model(CheckpointReader(config.model_path), self.model_config, dtype, self.device)
         cache_bytes = config.kv_cache_bytes or (
             gpu_cache_budget(config.gpu_memory_utilization)
@@ -57,7 +58,7 @@ class ModelInstance:
             else default_cache_bytes(
                 self.model_config,
                 config.max_num_seqs,
-                config.max_model_len,
+                max_model_len,
                 config.block_size,
                 dtype,
                 config.max_num_batched_tokens,
@@ -85,7 +86,7 @@ class ModelInstance:
         scheduler = SchedulerConfig(
             config.max_num_seqs,
             config.max_num_batched_tokens,
-            config.max_model_len,
+            max_model_len,
             config.max_waiting,
             config.prefix_caching,
         )

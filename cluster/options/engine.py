@@ -36,10 +36,15 @@ class EngineOptions(BaseModel):
     expert_cpus: float = Field(1.0, gt=0, description="CPUs of each expert actor")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one engine step")
-    max_model_len: int = Field(4096, ge=2, description="prompt + output tokens of one sequence")
+    max_model_len: int | None = Field(
+        None, ge=2, description="prompt + output tokens of one sequence; default: the model's context length"
+    )
     max_waiting: int = Field(256, ge=0, description="requests queued beyond max_num_seqs before 429")
     kv_cache_bytes: int | None = Field(
-        None, ge=1, description="KV cache budget; default: room for max_num_seqs full sequences (CPU)"
+        None,
+        ge=1,
+        description="KV cache budget; default (CPU): max_num_seqs sequences of up to 4,096 tokens, and at "
+        "least one whole max_model_len sequence",
     )
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     prefix_caching: bool = Field(
