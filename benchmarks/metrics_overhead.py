@@ -34,6 +34,7 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks.engine_vs_transformers import BENCH_CONFIG, FIRST_PLAIN_ID
 from benchmarks.results import BenchmarkRun
 from cluster.demo import write_afmoe_checkpoint
 from cluster.engine import Engine
@@ -42,22 +43,6 @@ from router.engine_core import EngineCore
 from router.sampling import SamplingParams
 from tests.toolkit import local_core
 
-MODEL_CONFIG: dict = {
-    "hidden_size": 512,
-    "intermediate_size": 1024,
-    "moe_intermediate_size": 256,
-    "num_hidden_layers": 8,
-    "num_dense_layers": 1,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 64,
-    "num_experts": 64,
-    "num_experts_per_tok": 4,
-    "num_shared_experts": 1,
-    "sliding_window": 128,
-    "global_attn_every_n_layers": 4,
-}
-FIRST_PLAIN_ID = 5  # clear of special tokens
 TARGET_MAX_SLOWDOWN = 0.03
 RECORDING: list[tuple[float, float]] = []  # (seconds in EngineMetrics.step_done, batch wall seconds)
 
@@ -167,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2 * (1 + args.shards), include_dashboard=False, log_to_driver=False)
     result: dict = {"prompts": args.prompts, "new_tokens": args.new_tokens, "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_afmoe_checkpoint(Path(tmp) / "model", MODEL_CONFIG, seed=3)
+        model = write_afmoe_checkpoint(Path(tmp) / "model", BENCH_CONFIG, seed=3)
         batch = prompts(args.prompts, json.loads((model / "config.json").read_text())["vocab_size"])
         torch.set_num_threads(1)  # as the router actor runs (limit_threads)
         plain, core = (
