@@ -22,7 +22,7 @@ from cluster.cli import main as cli
 from cluster.cli.dashboards import ALERTS_FILE, DASHBOARD_FILES, PushError, dashboards, export, push
 from dashboards import generate
 from tests.conftest import free_port
-from tests.toolkit import vendor_data
+from tests.toolkit import send_json, vendor_data
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_SUFFIXES = ("_bucket", "_count", "_sum", "_total")
@@ -167,12 +167,7 @@ def grafana() -> Iterator[FakeGrafana]:
 
     class Handler(BaseHTTPRequestHandler):
         def _answer(self, body: object, status: int = 200) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def _handle(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

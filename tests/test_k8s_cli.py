@@ -26,6 +26,7 @@ from cluster.options.serve import ServeOptions
 from cluster.serve.app import serve_config
 from tests.conftest import free_port
 from tests.test_helm import crd_errors
+from tests.toolkit import send_json
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "/apis/ray.io/v1"
@@ -88,12 +89,7 @@ class Recorder:
                         404,
                         status_error(404, "NotFound", "the server could not find the requested resource"),
                     )
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body)
 
             do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _answer
 

@@ -16,6 +16,7 @@ import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -302,6 +303,16 @@ def error_object(body: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- Ray's actors, results
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: object) -> None:
+    """Answers a test HTTP server's request with a JSON body."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def bundle_of(actor) -> int:
