@@ -44,13 +44,15 @@ def input_files(path: Path) -> dict[str, Path]:
 
 def file_rows(source: str, path: Path, skip: set[int]) -> Iterator[dict[str, Any]]:
     """The rows of one input file, but those numbered in `skip`."""
-    if FORMATS.get(path.suffix, "jsonl") == "parquet":
-        numbered = enumerate(_parquet_records(path), 1)
-    else:
-        numbered = ((n, raw) for n, raw in enumerate(path.open("rb"), 1) if raw.strip())
+    numbered = enumerate(_parquet_records(path) if path.suffix == ".parquet" else _lines(path), 1)
     for row, record in numbered:
-        if row not in skip:
+        if record.strip() and row not in skip:  # a blank line is no row
             yield {"row_id": row_id(source, row), "source": source, "row": row, "record": record}
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as lines:
+        yield from lines
 
 
 def _parquet_records(path: Path) -> Iterator[bytes]:
