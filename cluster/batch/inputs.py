@@ -78,5 +78,5 @@ def read_input(files: dict[str, Path], done: dict[str, set[int]]) -> ray.data.Da
     ]
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-        _read, scheduling_strategy=here, num_cpus=0.25
+        _read, num_cpus=0.25, ray_remote_args_fn=lambda: {"scheduling_strategy": here}
     )

@@ -37,7 +37,6 @@ class BatchOptions:
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineOptions fields
     output_format: str = "jsonl"
     batch_size: int = 0  # rows per call of a model instance; 0: twice its max_num_seqs (what it may hold)
-    max_task_retries: int = -1  # of a batch whose actor died (Ray Data restarts the actor)
 
 
 def run_batch(options: BatchOptions) -> Summary:
@@ -93,7 +92,7 @@ def _pipeline(
         },
         concurrency=options.replicas,
         batch_size=batch_size,
-        num_cpus=0,  # the pool actor waits on its router; the instance's actors hold the CPUs
-        max_restarts=-1,
-        max_task_retries=options.max_task_retries,
+        # The pool actor waits on its router; the instance's actors hold the CPUs. Ray Data's actor pool
+        # restarts a dead actor and retries its batches (max_restarts=-1, max_task_retries=-1).
+        num_cpus=0,
     )
