@@ -10,8 +10,9 @@ All measured phases run on one local Ray cluster that the benchmark starts, with
   serving:            the OpenAI HTTP API on Ray Serve (one engine replica), C concurrent streaming
                       clients sending the same N prompts (benchmarks/serving.py's client)
   old loop R=1, R=2:  not run: the streaming loop of our own that `moe-cluster batch` was before Ray Data
-                      is gone; its rows come from its committed run on the same input (--old-loop-json,
-                      256 records x 32 tokens, 1 expert shard), start-up and generating time apart
+                      is gone; its rows come from a committed run of this benchmark at commit 3e77a1a
+                      on the same input (--old-loop-json, 256 records x 32 tokens, 1 expert shard),
+                      start-up and generating time apart
 
     python -m benchmarks.batch [--records 256] [--max-tokens 32] [--clients 64] [--expert-shards 1]
                                [--model-path DIR] [--old-loop-json PATH] [--json PATH]
@@ -34,7 +35,7 @@ from benchmarks.serving import PROMPTS, discover_model, free_port, run_phase  # 
 
 MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 64
-OLD_LOOP_RUN = RESULTS_DIR / "batch-20261201T205614Z.json"  # the old loop, 256 x 32 tokens, 1 expert shard
+OLD_LOOP_RUN = RESULTS_DIR / "batch-old-loop-20261201T233159Z.json"  # the old loop at 3e77a1a, 256 x 32
 
 
 @dataclass
