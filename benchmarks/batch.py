@@ -1,15 +1,21 @@
-"""Batch benchmark: `moe-cluster batch` throughput with 1 and 2 engine replicas, against the serving path.
+"""Batch benchmark: `moe-cluster batch` on Ray Data with 1 and 2 model instances, against the old loop and
+the serving path.
 
-All phases run on one local Ray cluster that the benchmark starts, with the same model, prompts (those of
-benchmarks/serving.py, cycled), greedy decoding and max_tokens:
+All measured phases run on one local Ray cluster that the benchmark starts, with the same model, prompts
+(those of benchmarks/serving.py, cycled), greedy decoding and max_tokens:
 
-  batch R=1, batch R=2:  cluster.batch.run_batch over a JSONL file of N records (engines started per run;
-                         tokens/s counts from the moment they are up, start-up is reported apart)
-  serving:               the OpenAI HTTP API on Ray Serve (one engine replica), C concurrent streaming
-                         clients sending the same N prompts (benchmarks/serving.py's client)
+  ray data R=1, R=2:  cluster.batch.run_batch over a JSONL file of N records into a fresh output directory
+                      (the pool's actors start their model instances inside the run: the wall time
+                      includes start-up)
+  serving:            the OpenAI HTTP API on Ray Serve (one engine replica), C concurrent streaming
+                      clients sending the same N prompts (benchmarks/serving.py's client)
+  old loop R=1, R=2:  not run: the streaming loop of our own that `moe-cluster batch` was before Ray Data
+                      is gone; its rows come from a committed run of this benchmark at commit 3e77a1a
+                      on the same input (--old-loop-json, 256 records x 32 tokens, 1 expert shard),
+                      start-up and generating time apart
 
     python -m benchmarks.batch [--records 256] [--max-tokens 32] [--clients 64] [--expert-shards 1]
-                               [--model-path DIR] [--json PATH]
+                               [--model-path DIR] [--old-loop-json PATH] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.results import BenchmarkRun
+from benchmarks.results import RESULTS_DIR, BenchmarkRun
 from benchmarks.serving import PROMPTS, discover_model, free_port, run_phase  # the serving benchmark's client
 
 MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 64
+OLD_LOOP_RUN = RESULTS_DIR / "batch-old-loop-20261201T233159Z.json"  # the old loop at 3e77a1a, 256 x 32
 
 
 @dataclass
@@ -38,9 +45,11 @@ class Row:
     records: int
     failed: int
     output_tokens: int
-    startup_s: float
-    generating_s: float
-    tokens_per_s: float
+    wall_s: float  # start-up included
+    rows_per_s: float  # over wall_s
+    tokens_per_s: float  # over wall_s
+    startup_s: float | None = None  # known apart for the old loop and the serving path only
+    tokens_per_s_after_startup: float | None = None
 
 
 def write_records(path: Path, count: int, max_tokens: int) -> None:
@@ -56,7 +65,7 @@ def run_batch_phase(args: argparse.Namespace, model: Path, records: Path, replic
 
     options = BatchOptions(
         input=records,
-        output=records.with_name(f"out-{replicas}.jsonl"),
+        output=records.with_name(f"out-{replicas}"),
         model=model,
         replicas=replicas,
         max_tokens=args.max_tokens,
@@ -66,19 +75,42 @@ def run_batch_phase(args: argparse.Namespace, model: Path, records: Path, replic
             "max_num_seqs": MAX_NUM_SEQS,
             "max_model_len": MAX_MODEL_LEN,
         },
-        progress_interval_s=30,
     )
-    progress = run_batch(options)
+    summary = run_batch(options)
     return Row(
-        path="batch",
+        path="ray data",
         replicas=replicas,
-        records=progress.ok + progress.failed,
-        failed=progress.failed,
-        output_tokens=progress.tokens,
-        startup_s=progress.generating_since - progress.started,
-        generating_s=progress.now() - progress.generating_since,
-        tokens_per_s=progress.tokens_per_s(),
+        records=summary.ok + summary.failed,
+        failed=summary.failed,
+        output_tokens=summary.tokens,
+        wall_s=summary.wall_s,
+        rows_per_s=summary.rows_per_s(),
+        tokens_per_s=summary.tokens_per_s(),
     )
+
+
+def old_loop_rows(path: Path) -> list[Row]:
+    """The old loop's rows of a committed run of this benchmark (its `batch` rows)."""
+    rows = []
+    for r in json.loads(path.read_text())["results"]["rows"]:
+        if r["path"] != "batch":
+            continue
+        wall = r["startup_s"] + r["generating_s"]
+        rows.append(
+            Row(
+                path=f"old loop ({path.name})",
+                replicas=r["replicas"],
+                records=r["records"],
+                failed=r["failed"],
+                output_tokens=r["output_tokens"],
+                wall_s=wall,
+                rows_per_s=r["records"] / wall,
+                tokens_per_s=r["output_tokens"] / wall,
+                startup_s=r["startup_s"],
+                tokens_per_s_after_startup=r["tokens_per_s"],
+            )
+        )
+    return rows
 
 
 def run_serving_phase(args: argparse.Namespace, model: Path) -> Row:
@@ -107,31 +139,32 @@ def run_serving_phase(args: argparse.Namespace, model: Path) -> Row:
         )
     finally:
         serve.shutdown()
+    wall = startup + phase.seconds
     return Row(
         path="serving (HTTP)",
         replicas=1,
         records=phase.requests,
         failed=phase.failed,
         output_tokens=phase.output_tokens,
+        wall_s=wall,
+        rows_per_s=phase.requests / wall,
+        tokens_per_s=phase.output_tokens / wall,
         startup_s=startup,
-        generating_s=phase.seconds,
-        tokens_per_s=phase.output_tokens_per_s,
+        tokens_per_s_after_startup=phase.output_tokens_per_s,
     )
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def format_table(rows: list[Row]) -> str:
-    header = ["path", "replicas", "records", "failed", "out tokens", "start-up s", "generating s", "tokens/s"]
+    header = ["path", "replicas", "records", "failed", "out tokens", "wall s", "rows/s", "tokens/s"]
+    header += ["start-up s", "tokens/s after start-up"]
     cells = [header] + [
-        [
-            r.path,
-            str(r.replicas),
-            str(r.records),
-            str(r.failed),
-            str(r.output_tokens),
-            f"{r.startup_s:.1f}",
-            f"{r.generating_s:.1f}",
-            f"{r.tokens_per_s:.1f}",
-        ]
+        [r.path, str(r.replicas), str(r.records), str(r.failed), str(r.output_tokens)]
+        + [_cell(v) for v in (r.wall_s, r.rows_per_s, r.tokens_per_s, r.startup_s)]
+        + [_cell(r.tokens_per_s_after_startup)]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -156,6 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--expert-shards", type=int, default=1)
     parser.add_argument("--model-path", help="model directory (default: the demo model)")
+    parser.add_argument("--old-loop-json", type=Path, default=OLD_LOOP_RUN, help="the old loop's run")
     parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     return parser.parse_args(argv)
 
@@ -168,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = BenchmarkRun("batch", args)
     model = Path(args.model_path) if args.model_path else demo_model_path()
+    old = old_loop_rows(args.old_loop_json)
+    old_args = json.loads(args.old_loop_json.read_text())["args"]
+    same_input = all(old_args.get(k) == getattr(args, k) for k in ("records", "max_tokens", "expert_shards"))
     load_before = os.getloadavg()[0]
     os.environ.pop("RAY_ADDRESS", None)
     per_replica = 1 + args.expert_shards
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, 2 * per_replica + 1), include_dashboard=False, log_to_driver=False
+        num_cpus=max(os.cpu_count() or 1, 2 * per_replica + 2), include_dashboard=False, log_to_driver=False
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,16 +219,28 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_serving_phase(args, model))
     finally:
         ray.shutdown()
+    rows += old
     print(
         f"{model.name}, {args.expert_shards} expert shard(s) per replica, {args.records} records, "
         f"max_tokens {args.max_tokens}, greedy; serving: {args.clients} streaming clients"
     )
     print(format_table(rows))
+    for new in rows[:2]:
+        base = next((r for r in old if r.replicas == new.replicas), None)
+        if base is not None and same_input:
+            rows_ratio, tokens_ratio = new.rows_per_s / base.rows_per_s, new.tokens_per_s / base.tokens_per_s
+            print(
+                f"ray data R={new.replicas} / old loop R={base.replicas}, over wall time: "
+                f"rows/s {rows_ratio:.2f}x, tokens/s {tokens_ratio:.2f}x"
+            )
+    if not same_input:
+        print(f"the old loop's run ({args.old_loop_json.name}) had another input: {old_args}; no ratios")
     print(
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs; "
-        "tokens/s counts from the moment the engines are up"
+        "wall time includes start-up; the old loop's rows are its committed run, not measured here"
     )
-    run.write({"model": model.name, "rows": [asdict(r) for r in rows]}, args.json)
+    results = {"model": model.name, "same_input_as_old_loop": same_input, "rows": [asdict(r) for r in rows]}
+    run.write(results, args.json)
     return 0 if not any(r.failed for r in rows) else 1
 
 

@@ -3,6 +3,7 @@ completions equal Engine.generate's, bad rows answered with an error column and 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import ray
 
@@ -67,3 +68,25 @@ def test_a_bad_row_gets_an_error_and_no_completion(predicted, name):
     row = predicted[name]
     assert BAD[name][1] in row["error"]
     assert row["text"] is None and row["finish_reason"] is None
+
+
+def test_a_predictor_whose_router_died_starts_a_new_instance_and_serves_the_batch(
+    ray_cluster, demo_model, predicted
+):
+    """The records as JSON text (`record_column`, what `moe-cluster batch` hands it)."""
+    predictor = MoEPredictor(model=str(demo_model), engine_options=ENGINE, record_column="record")
+    records = [
+        b'{"id": "g0", "prompt": "The experts", "max_tokens": 6}',
+        b'{"id": 7, "prompt": "Once upon", "max_tokens": 6, "temperature": 0.9, "seed": 1}',
+    ]
+    batch = {"row": np.array([1, 2]), "record": np.array(records, dtype=object)}
+    try:
+        lost = predictor.engine.router
+        ray.kill(lost, no_restart=True)
+        out = predictor(batch)
+        assert predictor.engine.router is not lost
+    finally:
+        predictor.engine.shutdown()
+    assert out["token_ids"] == [list(predicted["g0"]["token_ids"]), list(predicted["s1"]["token_ids"])]
+    assert "record" not in out and out["error"] == [None, None]
+    assert out["id"] == ["g0", "7"] and out["row"] == [1, 2]

@@ -298,7 +298,7 @@ def test_batch_rayjob_runs_the_batch_command_and_shuts_down():
     args = build_parser().parse_args(argv[1:])
     assert args.run.__name__ == "cmd_batch"
     options = values["serve"]["options"]
-    assert (str(args.input), str(args.output)) == ("/data/input.jsonl", "/data/output.jsonl")
+    assert (str(args.input), str(args.output)) == ("/data/input.jsonl", "/data/output")
     assert (args.model, args.expert_shards) == (options["model"], options["expert_shards"])
     assert (args.max_num_seqs, args.max_model_len) == (options["max_num_seqs"], options["max_model_len"])
     # The driver runs on the head: it has the data and the model.

@@ -3,9 +3,11 @@
 `ds.map_batches(MoEPredictor, fn_constructor_kwargs={...}, concurrency=N, batch_size=B)`: every actor of
 the pool drives one model instance (a router actor and its expert actors, like `Engine`), hands each batch
 of rows to the router's continuous batching in one call, and returns the rows with completion columns.
-A row is a record of `moe-cluster batch` (`prompt` or `messages`, optional `id` and sampling fields); a row
-that cannot be served gets its reason in `error` and empty completion columns, so one bad row never fails
-the job.
+A row is a record of `moe-cluster batch` (`prompt` or `messages`, optional `id` and sampling fields), or,
+with `record_column`, holds one as JSON text (a line of a JSONL file, parsed per row so that a malformed
+line is one bad row). A row that cannot be served gets its reason in `error` and empty completion columns,
+so one bad row never fails the job. When the model instance's router dies, the actor starts a new instance
+and serves the batch again (Ray Data retries the batch of an actor that dies itself).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from cluster.batch.job import Request, parse_record, result_record
+from cluster.batch.records import Request, parse_line, parse_record, result_record
 from cluster.engine import Engine
 from cluster.options.engine import EngineConfig
 from router.sampling import SamplingParams
@@ -63,33 +65,46 @@ class MoEPredictor:
         engine_options: dict[str, Any] | None = None,
         max_tokens: int = 32,
         temperature: float = 0.0,
+        record_column: str | None = None,
     ) -> None:
         from cluster.demo import demo_model_path
 
         path = Path(model) if model else demo_model_path()
-        self.engine = Engine(EngineConfig(model_path=path, **(engine_options or {})))
+        self.config = EngineConfig(model_path=path, **(engine_options or {}))
+        self.engine = Engine(self.config)
         self.defaults = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        self.record_column = record_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        columns = list(batch)
-        rows = [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        records = [{k: v for k, v in plain(row).items() if not missing(v)} for row in rows]
-        parsed = [parse_record(i, record, self.defaults) for i, record in enumerate(records)]
+        parsed = self._parse(batch)
         requests = [p for p in parsed if isinstance(p, Request)]
-        answers = iter(
-            ray.get(
-                self.engine.router.generate_each.remote(
-                    [r.prompt for r in requests], [r.params for r in requests]
-                )
-            )
-            if requests
-            else ()
-        )
+        answers = iter(self._generate(requests) if requests else ())
         results = [result_record(p, next(answers)) if isinstance(p, Request) else p for p in parsed]
-        out: dict[str, list] = {name: list(batch[name]) for name in columns if name not in OUTPUT_COLUMNS}
+        passed = [name for name in batch if name not in OUTPUT_COLUMNS and name != self.record_column]
+        out: dict[str, list] = {name: list(batch[name]) for name in passed}
+        if self.record_column is not None:  # the record's own id, as text: one Arrow type for the column
+            out["id"] = [None if r["id"] is None else str(r["id"]) for r in results]
         for name in OUTPUT_COLUMNS:
             out[name] = [output_columns(r)[name] for r in results]
         return out
+
+    def _parse(self, batch: dict[str, np.ndarray]) -> list[Request | dict]:
+        if self.record_column is not None:
+            raw = batch[self.record_column]
+            return [parse_line(i, bytes(line), self.defaults) for i, line in enumerate(raw)]
+        columns = list(batch)
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        records = [{k: v for k, v in plain(row).items() if not missing(v)} for row in rows]
+        return [parse_record(i, record, self.defaults) for i, record in enumerate(records)]
+
+    def _generate(self, requests: list[Request]) -> list[dict]:
+        prompts, params = [r.prompt for r in requests], [r.params for r in requests]
+        try:
+            return ray.get(self.engine.router.generate_each.remote(prompts, params))
+        except ray.exceptions.RayActorError:  # the instance is lost: a new one serves the whole batch
+            self.engine.shutdown()
+            self.engine = Engine(self.config)
+            return ray.get(self.engine.router.generate_each.remote(prompts, params))
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

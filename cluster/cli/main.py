@@ -159,6 +159,11 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    import os
+
+    # Ray Data reads it when it is imported, below: its progress log lines when stdout is no terminal.
+    interval = str(max(1, round(args.progress_interval)))
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", interval)
     from cluster.batch.job import BatchOptions, run_batch
 
     options = BatchOptions(
@@ -170,9 +175,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         overwrite=args.overwrite,
         engine_options=engine_flags(args),
-        progress_interval_s=args.progress_interval,
+        output_format=args.output_format,
+        batch_size=args.batch_size,
     )
-    print(run_batch(options).summary(), flush=True)
+    print(run_batch(options).line(), flush=True)
     return 0
 
 
@@ -256,16 +262,34 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd.add_argument("-o", "--output", help="file to write (default: stdout)")
     config_cmd.set_defaults(run=cmd_serve_config)
 
-    batch = sub.add_parser("batch", help="JSONL prompts in, JSONL completions out; a rerun resumes")
-    batch.add_argument("--input", type=Path, required=True, help='{"id", "prompt" or "messages"} per line')
-    batch.add_argument("--output", type=Path, required=True, help="appended to; an existing one is resumed")
+    batch = sub.add_parser(
+        "batch", help="JSONL or Parquet prompts in, completions out (Ray Data); a rerun resumes"
+    )
+    batch.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help='a JSONL or Parquet file, or a directory of them; {"id", "prompt" or "messages"} per row',
+    )
+    batch.add_argument(
+        "--output", type=Path, required=True, help="directory of part files; an existing one is resumed"
+    )
+    batch.add_argument("--output-format", choices=("jsonl", "parquet"), default="jsonl")
     batch.add_argument("--model", help="Hugging Face model directory (default: the demo model)")
-    batch.add_argument("--replicas", type=int, default=1, help="model instances working in parallel")
+    batch.add_argument("--replicas", type=int, default=1, help="model instances (Ray Data actor pool size)")
+    batch.add_argument(
+        "--batch-size", type=int, default=0, help="rows per call of an instance (default: 2 x max-num-seqs)"
+    )
     batch.add_argument("--max-tokens", type=int, default=32, help="default for records without max_tokens")
     batch.add_argument("--temperature", type=float, default=0.0, help="default for records without one")
     batch.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     add_engine_flags(batch)
-    batch.add_argument("--progress-interval", type=float, default=5.0, help="seconds between log lines")
+    batch.add_argument(
+        "--progress-interval",
+        type=float,
+        default=5.0,
+        help="seconds between Ray Data's progress log lines when stdout is not a terminal",
+    )
     batch.set_defaults(run=cmd_batch)
 
     dashboards = sub.add_parser("dashboards", help="the Grafana dashboards and alert rules")
