@@ -1,5 +1,6 @@
-"""A Qwen3-MoE random checkpoint (from `demo-model --arch qwen3_moe`'s writer) through `generate` and
-through the same Serve app with the real openai client: greedy tokens equal transformers' own."""
+"""Random checkpoints of the other families (from `demo-model --arch`'s writer) through the commands:
+Qwen3-MoE through `generate` and through the same Serve app with the real openai client, Mixtral
+through `batch`; greedy tokens equal transformers' own."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import openai
 import pytest
 import ray
 import torch
-from transformers import Qwen3MoeForCausalLM
+from transformers import MixtralForCausalLM, Qwen3MoeForCausalLM
 
 from cluster.demo import write_checkpoint
 from router.config import ModelConfig
@@ -36,15 +37,12 @@ def reference(qwen3_model) -> Qwen3MoeForCausalLM:
     return Qwen3MoeForCausalLM.from_pretrained(qwen3_model, dtype=torch.float32).eval()
 
 
-def test_generate_takes_a_qwen3_moe_checkpoint(ray_cluster, qwen3_model, reference) -> None:
-    tokenizer = Tokenizer.from_model_dir(qwen3_model)
-    eos = set(ModelConfig.from_model_dir(qwen3_model).eos_token_ids)
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    args = [arg for ids in prompts for arg in ("--prompt-ids", ",".join(map(str, ids)))]
+def _cli(*args: str) -> str:
+    """`moe-cluster ARGS` in a fresh interpreter joined to the session's cluster; its stdout."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "cluster.cli.main", "generate", "--model", str(qwen3_model)]
+    env["RAY_AUTH_MODE"] = "token"
     run = subprocess.run(
-        [*command, "--expert-shards", "2", "--max-tokens", str(NEW_TOKENS), "--json", *args],
+        [sys.executable, "-m", "cluster.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -52,12 +50,45 @@ def test_generate_takes_a_qwen3_moe_checkpoint(ray_cluster, qwen3_model, referen
         cwd=REPO,
     )
     assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in run.stdout.splitlines()]
+    return run.stdout
+
+
+def _assert_greedy(model: Path, reference, prompt: list[int], got: list[int]) -> None:
+    """`got` is transformers' greedy continuation, up to NEW_TOKENS or an end token."""
+    eos = set(ModelConfig.from_model_dir(model).eos_token_ids)
+    assert got == hf_greedy(reference, prompt, NEW_TOKENS)[: len(got)]
+    assert len(got) == NEW_TOKENS or got[-1] in eos
+
+
+def test_generate_takes_a_qwen3_moe_checkpoint(ray_cluster, qwen3_model, reference) -> None:
+    tokenizer = Tokenizer.from_model_dir(qwen3_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    args = [arg for ids in prompts for arg in ("--prompt-ids", ",".join(map(str, ids)))]
+    out = _cli(
+        "generate", "--model", str(qwen3_model), "--expert-shards", "2", "--max-tokens", str(NEW_TOKENS),
+        "--json", *args,
+    )  # fmt: skip
+    records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == len(prompts)
     for record, ids in zip(records, prompts, strict=True):
-        expected, got = hf_greedy(reference, ids, NEW_TOKENS), record["token_ids"]
-        assert got == expected[: len(got)]
-        assert len(got) == NEW_TOKENS or got[-1] in eos
+        _assert_greedy(qwen3_model, reference, ids, record["token_ids"])
+
+
+def test_batch_takes_a_mixtral_checkpoint(ray_cluster, tmp_path) -> None:
+    model = write_checkpoint(tmp_path / "mixtral", {"sliding_window": 6}, seed=5, family="mixtral")
+    reference = MixtralForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    prompts = [[5 + (7 * n + k) % 300 for k in range(3 + 4 * n)] for n in range(4)]  # some past the window
+    records = [{"id": f"r{n}", "prompt": p, "max_tokens": NEW_TOKENS} for n, p in enumerate(prompts)]
+    source, result = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _cli(
+        "batch", "--input", str(source), "--output", str(result), "--model", str(model),
+        "--expert-shards", "2", "--router-cpus", "0.5", "--expert-cpus", "0.5",
+    )  # fmt: skip
+    by_id = {r["id"]: r for r in map(json.loads, result.read_text().splitlines())}
+    assert set(by_id) == {r["id"] for r in records}
+    for n, prompt in enumerate(prompts):
+        _assert_greedy(model, reference, prompt, by_id[f"r{n}"]["token_ids"])
 
 
 @pytest.fixture(scope="module")
