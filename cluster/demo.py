@@ -1,4 +1,5 @@
-"""The shipped demo model, and small random AFMoE checkpoints written by transformers itself for tests."""
+"""The shipped demo model, and small random checkpoints of each served family written by transformers
+itself (demo-model --arch, the tests)."""
 
 import copy
 import errno
@@ -6,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +47,65 @@ DEMO_CONFIG: dict = {
     "tie_word_embeddings": False,
 }
 
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to write a random checkpoint of one architecture with transformers."""
+
+    architecture: str
+    defaults: dict  # a small config of the family (the demo tokenizer's ids are added)
+    gate_suffix: str  # the router's gate weight (transformers initialises it to zeros)
+    gate_std_scale: float
+    bias_suffix: str | None = None  # a selection bias, also zeroed by transformers
+
+    @property
+    def model_class(self) -> type:
+        return getattr(transformers, self.architecture)
+
+    @property
+    def config_class(self) -> type:
+        return getattr(transformers, self.architecture.replace("ForCausalLM", "Config"))
+
+
+_SMALL_LLAMA_LIKE: dict = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_experts_per_tok": 2,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "max_position_embeddings": 32768,
+    "initializer_range": 0.05,
+    "tie_word_embeddings": False,
+}
+
+# `demo-model --arch NAME`: the families a random checkpoint can be written of.
+FAMILIES: dict[str, Family] = {
+    "afmoe": Family("AfmoeForCausalLM", DEMO_CONFIG, "mlp.router.gate.weight", 1.0, "mlp.expert_bias"),
+    "mixtral": Family(
+        "MixtralForCausalLM",
+        _SMALL_LLAMA_LIKE | {"intermediate_size": 64, "num_local_experts": 7, "sliding_window": 64},
+        "mlp.gate.weight",
+        2.0,
+    ),
+    "qwen3_moe": Family(
+        "Qwen3MoeForCausalLM",
+        _SMALL_LLAMA_LIKE
+        | {
+            "intermediate_size": 256,
+            "moe_intermediate_size": 64,
+            "num_experts": 9,
+            "num_experts_per_tok": 3,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [0],
+        },
+        "mlp.gate.weight",
+        2.0,
+    ),
+}
+
 # The trained demo model (scripts/train_demo_model.py), shipped as package data.
 DEMO_MODEL_DIR = Path(__file__).with_name("demo_model")
 
@@ -60,8 +121,10 @@ def demo_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.AutoTokenizer.from_pretrained(demo_model_path(), local_files_only=True)
 
 
-def full_config(config: dict, tokenizer: transformers.PreTrainedTokenizerFast) -> dict:
-    defaults = copy.deepcopy(DEMO_CONFIG)
+def full_config(
+    config: dict, tokenizer: transformers.PreTrainedTokenizerFast, defaults: dict = DEMO_CONFIG
+) -> dict:
+    defaults = copy.deepcopy(defaults)
     defaults.update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -72,23 +135,23 @@ def full_config(config: dict, tokenizer: transformers.PreTrainedTokenizerFast) -
     return {**defaults, **copy.deepcopy(config)}
 
 
-def _sharpen_decisions(model: transformers.AfmoeForCausalLM, hidden_size: int) -> None:
+def _sharpen_decisions(model: transformers.PreTrainedModel, family: Family, hidden_size: int) -> None:
     """Make routing depend on the token (transformers zeroes gates and expert biases) and widen the logits."""
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, LM_HEAD_STD_SCALE / hidden_size**0.5)
         for name, param in model.named_parameters():
-            if name.endswith("mlp.router.gate.weight"):
-                param.normal_(0.0, GATE_STD_SCALE / hidden_size**0.5)
-            elif name.endswith("mlp.expert_bias"):
+            if name.endswith(family.gate_suffix):
+                param.normal_(0.0, family.gate_std_scale / hidden_size**0.5)
+            elif family.bias_suffix and name.endswith(family.bias_suffix):
                 param.normal_(0.0, EXPERT_BIAS_STD)
 
 
-def _build_model(config: dict, seed: int) -> transformers.AfmoeForCausalLM:
-    cfg = transformers.AfmoeConfig(**config)
+def _build_model(config: dict, seed: int, family: Family) -> transformers.PreTrainedModel:
+    cfg = family.config_class(**config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AfmoeForCausalLM(cfg).to(torch.float32)
-        _sharpen_decisions(model, cfg.hidden_size)
+        model = family.model_class(cfg).to(torch.float32)
+        _sharpen_decisions(model, family, cfg.hidden_size)
     return model.eval()
 
 
@@ -117,16 +180,28 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 def write_afmoe_checkpoint(path: str | Path, config: dict, seed: int = 0, tokenizer: bool = True) -> Path:
-    """Write a random AfmoeForCausalLM (and the demo tokenizer) to `path` with save_pretrained.
+    """write_checkpoint of an AfmoeForCausalLM; keys missing from `config` come from DEMO_CONFIG."""
+    return write_checkpoint(path, config, seed, tokenizer, family="afmoe")
 
-    Keys missing from `config` come from DEMO_CONFIG; vocab_size defaults to the demo tokenizer's size.
-    Written atomically (see _write_atomically). Random routing that depends on the token, for the tests.
+
+def write_checkpoint(
+    path: str | Path, config: dict, seed: int = 0, tokenizer: bool = True, family: str = "afmoe"
+) -> Path:
+    """Write a random model of `family` (a FAMILIES key) and the demo tokenizer to `path` with
+    save_pretrained.
+
+    Keys missing from `config` come from the family's defaults; vocab_size defaults to the demo
+    tokenizer's size. Written atomically (see _write_atomically). Random routing that depends on the
+    token, for the tests.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    kind = FAMILIES[family]
     tok = demo_tokenizer()
-    full = full_config(config, tok)
+    full = full_config(config, tok, kind.defaults)
     if tokenizer and full["vocab_size"] < len(tok):
         raise ValueError(f"vocab_size {full['vocab_size']} is smaller than the demo tokenizer's {len(tok)}")
-    model = _build_model(full, seed)
+    model = _build_model(full, seed, kind)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

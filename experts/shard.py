@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from experts.checkpoint import CheckpointError, CheckpointReader
+from experts.checkpoint import CheckpointReader
+from experts.layouts import expert_dims, load_layer
 
 
 class ExpertShard:
@@ -45,24 +46,18 @@ class ExpertShard:
         """Load experts `expert_ids` (global ids, in local order) of decoder layers `layers` (the MoE
         layers, in order), reading only those experts' tensors, straight into `dtype` buffers.
 
-        A layer is fused (`experts.gate_up_proj` [num_experts, 2I, H], `experts.down_proj`
-        [num_experts, H, I]) when its `experts.gate_up_proj` exists, else per expert
-        (`experts.{E}.{gate,up,down}_proj.weight`).
+        Each layer in whichever layout the checkpoint holds it (experts/layouts.py).
         """
         if not layers or not expert_ids:
             raise ValueError(
                 f"need at least one layer and one expert, got layers={layers} experts={expert_ids}"
             )
-        inter, hidden = _dims(reader, layers[0], expert_ids[0])
+        inter, hidden = expert_dims(reader, layers[0], expert_ids[0])
         gate_up, down = [], []
         for layer in layers:
             gu = torch.empty(len(expert_ids), 2 * inter, hidden, dtype=dtype)
             dn = torch.empty(len(expert_ids), hidden, inter, dtype=dtype)
-            prefix = f"model.layers.{layer}.mlp.experts"
-            if reader.has(f"{prefix}.gate_up_proj"):
-                _load_fused(reader, prefix, expert_ids, gu, dn)
-            else:
-                _load_per_expert(reader, prefix, expert_ids, gu, dn)
+            load_layer(reader, layer, expert_ids, gu, dn)
             gate_up.append(gu)
             down.append(dn)
         return cls(gate_up, down)
@@ -137,59 +132,3 @@ def _looped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, c
         y[start:end] = F.linear(F.silu(gate) * up, down[expert])
         start = end
     return y
-
-
-def _dims(reader: CheckpointReader, layer: int, expert: int) -> tuple[int, int]:
-    """(intermediate, hidden) sizes of the experts, from one of `layer`'s expert tensors."""
-    fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-    if reader.has(fused):
-        shape = reader.shape(fused)
-        if len(shape) != 3 or shape[1] % 2:
-            raise CheckpointError(
-                f"tensor {fused} in {reader.model_dir}: expected shape (num_experts, 2*I, H), found {shape}"
-            )
-        return shape[1] // 2, shape[2]
-    name = f"model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight"
-    shape = reader.shape(name)
-    if len(shape) != 2:
-        raise CheckpointError(f"tensor {name} in {reader.model_dir}: expected shape (I, H), found {shape}")
-    return shape[0], shape[1]
-
-
-def _load_fused(
-    reader: CheckpointReader, prefix: str, expert_ids: list[int], gate_up: torch.Tensor, down: torch.Tensor
-) -> None:
-    gu_name, dn_name = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
-    num_experts = reader.shape(gu_name)[0]
-    _check_shape(reader, gu_name, (num_experts, *gate_up.shape[1:]))
-    _check_shape(reader, dn_name, (num_experts, *down.shape[1:]))
-    if max(expert_ids) >= num_experts:
-        raise CheckpointError(
-            f"tensor {gu_name} holds {num_experts} experts, expert {max(expert_ids)} requested"
-        )
-    reader.get_rows(gu_name, expert_ids, out=gate_up)
-    reader.get_rows(dn_name, expert_ids, out=down)
-
-
-def _load_per_expert(
-    reader: CheckpointReader, prefix: str, expert_ids: list[int], gate_up: torch.Tensor, down: torch.Tensor
-) -> None:
-    inter = down.shape[2]
-    for local, expert in enumerate(expert_ids):
-        targets = {
-            "gate_proj": gate_up[local, :inter],
-            "up_proj": gate_up[local, inter:],
-            "down_proj": down[local],
-        }
-        for part, target in targets.items():
-            name = f"{prefix}.{expert}.{part}.weight"
-            _check_shape(reader, name, tuple(target.shape))
-            target.copy_(reader.get(name))
-
-
-def _check_shape(reader: CheckpointReader, name: str, expected: tuple[int, ...]) -> None:
-    found = reader.shape(name)
-    if found != expected:
-        raise CheckpointError(
-            f"tensor {name} in {reader.model_dir}: expected shape {expected}, found {found}"
-        )

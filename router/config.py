@@ -1,51 +1,69 @@
-"""The model architecture as read from a checkpoint's config.json."""
+"""The model architecture as read from a checkpoint's config.json.
+
+The fields every family shares are read here; each architecture's adapter module (ADAPTERS) reads its
+own (`parse_config`) and names its router model class (`Model`). A field the engine would not honour
+(a quantised format, a rope scaling it does not implement, ...) is a load error naming the field.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
-SUPPORTED_ARCHITECTURES = ("AfmoeForCausalLM",)
-LAYER_TYPES = ("sliding_attention", "full_attention")
+ADAPTERS = {
+    "AfmoeForCausalLM": "router.afmoe",
+    "MixtralForCausalLM": "router.mixtral",
+    "Qwen3MoeForCausalLM": "router.qwen3_moe",
+}
+SUPPORTED_ARCHITECTURES = tuple(ADAPTERS)
 
 
 class ConfigError(ValueError):
     """A model directory whose config.json cannot be served."""
 
 
+def adapter(architecture: str) -> ModuleType:
+    """The module holding one architecture's `parse_config` and router `Model`."""
+    return importlib.import_module(ADAPTERS[architecture])
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Every AFMoE field the serving path depends on, validated once at load time."""
+    """Every field the serving path depends on, validated once at load time."""
 
+    architecture: str
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
-    moe_intermediate_size: int
+    intermediate_size: int  # dense layers' MLP width
+    moe_intermediate_size: int  # one routed expert's width
     num_hidden_layers: int
-    num_dense_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
     num_experts: int
     num_experts_per_tok: int
-    num_shared_experts: int
-    route_scale: float
+    moe_layer_ids: tuple[int, ...]
     layer_types: tuple[str, ...]
     sliding_window: int
     rope_theta: float
     rms_norm_eps: float
-    mup_enabled: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
-    gating: str = "afmoe_sigmoid"
+    gating: str
+    num_dense_layers: int = 0  # AFMoE: the leading dense layers
+    num_shared_experts: int = 0
+    route_scale: float = 1.0
+    mup_enabled: bool = False
 
     @property
     def moe_layers(self) -> list[int]:
         """Decoder-layer indices whose MLP is a routed MoE block, in order."""
-        return list(range(self.num_dense_layers, self.num_hidden_layers))
+        return list(self.moe_layer_ids)
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
@@ -78,67 +96,80 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
         archs = raw.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        known = [a for a in archs if a in ADAPTERS]
+        if not known:
             raise ConfigError(
                 f"{source}: unsupported architecture {archs or raw.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        return adapter(known[0]).parse_config(RawConfig(raw, source))
 
-        def need(key: str) -> Any:
-            if raw.get(key) is None:
-                raise ConfigError(f"{source}: missing required field {key!r}")
-            return raw[key]
 
-        layers = int(need("num_hidden_layers"))
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
-        layer_types = raw.get("layer_types")
-        if layer_types is None:
-            every = int(raw.get("global_attn_every_n_layers") or 4)
-            layer_types = [
-                "sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)
-            ]
-        if len(layer_types) != layers or any(t not in LAYER_TYPES for t in layer_types):
-            raise ConfigError(f"{source}: layer_types must list {layers} entries from {LAYER_TYPES}")
-        rope = raw.get("rope_parameters") or {"rope_type": "default", "rope_theta": raw.get("rope_theta")}
+class RawConfig:
+    """A config.json being read: required fields, the checks every family shares, the common fields."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    def fail(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {message}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def need(self, key: str) -> Any:
+        if self.raw.get(key) is None:
+            self.fail(f"missing required field {key!r}")
+        return self.raw[key]
+
+    def refuse_if_set(self, key: str, why: str) -> None:
+        if self.raw.get(key):
+            self.fail(f"{key}={self.raw[key]!r} is not supported: {why}")
+
+    def _check_common(self) -> None:
+        self.refuse_if_set("quantization_config", "only unquantised checkpoints are read")
+        self.refuse_if_set("attention_bias", "attention projections without biases only")
+        rope = self.raw.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"{source}: rope_type {rope['rope_type']!r} is not supported (only 'default')")
-        if raw.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
-        if raw.get("attention_bias"):
-            raise ConfigError(f"{source}: attention_bias=true is not supported")
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
+            self.fail(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported (only 'default')")
+        legacy = self.raw.get("rope_scaling") or {}
+        kind = legacy.get("rope_type", legacy.get("type", "default"))
+        if kind != "default":
+            self.fail(f"rope_scaling type {kind!r} is not supported (only 'default')")
+        if float(rope.get("partial_rotary_factor") or 1.0) != 1.0:
+            self.fail("rope_parameters.partial_rotary_factor is not supported (rope on the whole head only)")
+        if self.get("hidden_act", "silu") != "silu":
+            self.fail(f"hidden_act {self.raw['hidden_act']!r} is not supported (only 'silu')")
+
+    def build(self, **family: Any) -> ModelConfig:
+        """The ModelConfig of the shared fields read here and the family's own `family` fields."""
+        self._check_common()
+        heads = int(self.need("num_attention_heads"))
+        hidden = int(self.need("hidden_size"))
+        kv_heads = int(self.get("num_key_value_heads") or heads)
         if heads % kv_heads:
-            raise ConfigError(f"{source}: num_attention_heads {heads} not divisible by num_key_value_heads")
-        cfg = cls(
-            vocab_size=int(need("vocab_size")),
+            self.fail(f"num_attention_heads {heads} not divisible by num_key_value_heads")
+        eos = self.raw.get("eos_token_id")
+        rope = self.raw.get("rope_parameters") or {}
+        common = dict(
+            vocab_size=int(self.need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            moe_intermediate_size=int(need("moe_intermediate_size")),
-            num_hidden_layers=layers,
-            num_dense_layers=int(raw.get("num_dense_layers") or 0),
+            num_hidden_layers=int(self.need("num_hidden_layers")),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            num_experts=int(need("num_experts")),
-            num_experts_per_tok=int(need("num_experts_per_tok")),
-            num_shared_experts=int(raw.get("num_shared_experts") or 0),
-            route_scale=float(raw.get("route_scale") or 1.0),
-            layer_types=tuple(layer_types),
-            sliding_window=int(raw.get("sliding_window") or 0),
-            rope_theta=float(rope.get("rope_theta") or 10000.0),
-            rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-5),
-            mup_enabled=bool(raw.get("mup_enabled")),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings")),
-            max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
-            eos_token_ids=eos_ids,
+            head_dim=int(self.get("head_dim") or hidden // heads),
+            num_experts_per_tok=int(self.need("num_experts_per_tok")),
+            sliding_window=int(self.get("sliding_window") or 0),
+            rope_theta=float(rope.get("rope_theta") or self.get("rope_theta") or 10000.0),
+            rms_norm_eps=float(self.get("rms_norm_eps") or 1e-5),
+            tie_word_embeddings=bool(self.raw.get("tie_word_embeddings")),
+            max_position_embeddings=int(self.get("max_position_embeddings") or 4096),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
         )
-        if not 0 <= cfg.num_dense_layers <= layers:
-            raise ConfigError(f"{source}: num_dense_layers must be within 0..{layers}")
+        cfg = ModelConfig(**(common | family))
         if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
-            raise ConfigError(f"{source}: num_experts_per_tok must be within 1..num_experts")
+            self.fail("num_experts_per_tok must be within 1..num_experts")
         if "sliding_attention" in cfg.layer_types and cfg.sliding_window < 1:
-            raise ConfigError(f"{source}: sliding layers need sliding_window >= 1")
+            self.fail("sliding layers need sliding_window >= 1")
         return cfg

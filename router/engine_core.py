@@ -13,8 +13,8 @@ from router.config import ModelConfig
 from router.errors import ContextLengthExceeded, InvalidRequest
 from router.exchange import RoutedExperts
 from router.kv_cache import KVCache, SequenceBlocks, sliding_pool_blocks
+from router.layers import RouterModel
 from router.micro_batch import MIN_OVERLAP_TOKENS, MicroBatch, split_point
-from router.model import AfmoeRouterModel
 from router.sampling import SamplingParams, SamplingState, sample
 from router.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from router.sequence import Sequence
@@ -44,7 +44,7 @@ class EngineCore:
     def __init__(
         self,
         config: ModelConfig,
-        model: AfmoeRouterModel,
+        model: RouterModel,
         cache: KVCache,
         experts: RoutedExperts,
         scheduler_config: SchedulerConfig,

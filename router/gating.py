@@ -1,8 +1,8 @@
 """Top-k expert selection.
 
 Each gating function maps fp32 router logits [T, E] to (expert ids [T, k] int64, weights [T, k] fp32).
-AFMoE is the only one a checkpoint selects today; softmax top-k (Mixtral, Qwen3-MoE) sits beside it
-so that grouped top-k (DeepSeek-V3) can join the same table.
+AFMoE's sigmoid, and softmax top-k with (Mixtral, Qwen3-MoE with norm_topk_prob) or without
+(Qwen3-MoE otherwise) renormalisation; an adapter names its entry in ModelConfig.gating.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ def softmax_topk(
     return ids, weights
 
 
+def softmax_topk_unnormalised(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE without norm_topk_prob: the selected softmax probabilities as they are."""
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k=k, dim=-1)
+    return ids, weights * route_scale
+
+
 GATING: dict[str, GatingFn] = {
     "afmoe_sigmoid": afmoe_sigmoid_topk,
     "softmax": softmax_topk,
+    "softmax_unnormalised": softmax_topk_unnormalised,
 }

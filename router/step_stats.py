@@ -1,8 +1,8 @@
 """What one engine step did, for whoever reports it (cluster/metrics); the model keeps no timers.
 
 `StepProfiler` adds the detail that costs a little per layer (router time in attention and in the
-gates, (token, expert) pairs per MoE layer) through forward hooks on the model's Attention and
-MoEGate modules; the engine core installs it only when asked to.
+gates, (token, expert) pairs per MoE layer) through forward hooks on the model's PagedAttention
+and MoEGate modules; the engine core installs it only when asked to.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from router.exchange import ExchangeStats
-from router.model import AfmoeRouterModel, Attention, MoEBlock
+from router.layers import MoEBlock, PagedAttention, RouterModel
 
 
 @dataclass(frozen=True)
@@ -59,20 +59,20 @@ class Occupancy:
 
 
 class StepProfiler:
-    """Times every Attention and MoEGate call and counts the gates' choices, until `take`."""
+    """Times every PagedAttention and MoEGate call and counts the gates' choices, until `take`."""
 
-    def __init__(self, model: AfmoeRouterModel) -> None:
+    def __init__(self, model: RouterModel) -> None:
         self.attention_seconds = self.gate_seconds = 0.0
         self.expert_tokens: dict[int, torch.Tensor] = {}
         self._num_experts = model.config.num_experts
         self._started = 0.0
         for module in model.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, PagedAttention):
                 module.register_forward_pre_hook(self._start)
                 module.register_forward_hook(self._attention_done)
             elif isinstance(module, MoEBlock):
-                module.router.register_forward_pre_hook(self._start)
-                module.router.register_forward_hook(partial(self._gate_done, module.moe_index))
+                module.gate_module.register_forward_pre_hook(self._start)
+                module.gate_module.register_forward_hook(partial(self._gate_done, module.moe_index))
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         self._started = time.perf_counter()

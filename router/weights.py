@@ -5,28 +5,39 @@ from __future__ import annotations
 import torch
 
 from experts.checkpoint import CheckpointError, CheckpointReader
-from router.config import ModelConfig
-from router.model import AfmoeRouterModel, rope_inv_freq
+from router.config import ModelConfig, adapter
+from router.layers import RouterModel
 
-FP32_PARAMS = ("norm.weight", "router.gate.weight", "expert_bias")
+FP32_PARAMS = ("norm.weight", ".gate.weight", "expert_bias")  # the gates read fp32 states
 
 
 def load_router_model(
     reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype, device: torch.device
-) -> AfmoeRouterModel:
+) -> RouterModel:
+    """The config's architecture adapter's model, every tensor checked against the checkpoint's."""
+    family = adapter(config.architecture)
     with torch.device("meta"):
-        model = AfmoeRouterModel(config)
+        model = family.Model(config)
+    aliases = getattr(family, "CHECKPOINT_ALIASES", ())
     state = {}
     for name, param in model.state_dict().items():
-        if not reader.has(name):
-            raise CheckpointError(f"{reader.model_dir}: missing tensor {name}")
-        found = reader.shape(name)
+        stored = _stored_name(reader, name, aliases)
+        found = reader.shape(stored)
         if tuple(found) != tuple(param.shape):
             raise CheckpointError(
                 f"{reader.model_dir}: tensor {name} has shape {tuple(found)}, expected {tuple(param.shape)}"
             )
         keep_fp32 = name.endswith(FP32_PARAMS)
-        state[name] = reader.get(name, torch.float32 if keep_fp32 else dtype).to(device)
+        state[name] = reader.get(stored, torch.float32 if keep_fp32 else dtype).to(device)
     model.load_state_dict(state, assign=True)
-    model.inv_freq = rope_inv_freq(config, device)  # built on the meta device above
+    model.init_buffers(device)  # built on the meta device above
     return model.eval()
+
+
+def _stored_name(reader: CheckpointReader, name: str, aliases: tuple[tuple[str, str], ...]) -> str:
+    """`name` as the checkpoint spells it: as is, or with one of the adapter's (ours, stored) renames."""
+    for ours, stored in ((name, name), *aliases):
+        candidate = name.replace(ours, stored)
+        if reader.has(candidate):
+            return candidate
+    raise CheckpointError(f"{reader.model_dir}: missing tensor {name}")

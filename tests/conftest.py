@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from cluster.demo import copy_demo_model, write_afmoe_checkpoint
+from cluster.demo import copy_demo_model, write_afmoe_checkpoint, write_checkpoint
 
 # The "api" Serve app's fixtures (api_url, http, client, model_name, engine, tokenizer), module-scoped.
 pytest_plugins = ["tests.serve_api_app"]
@@ -71,6 +71,61 @@ PARITY_CONFIGS: dict[str, dict] = {
 }
 
 
+# The other families' switches, as (family, config): windows shorter than the prompts, tied and untied
+# heads, GQA / MQA, dense layers between MoE ones, top-k with and without renormalisation, and expert
+# counts (7, 9) that no shard count divides.
+FAMILY_PARITY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "mixtral-gqa-window4-top2": (
+        "mixtral",
+        dict(
+            hidden_size=48,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            num_local_experts=7,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+    ),
+    "qwen3-mqa-tied-sparse-step2-top3": (
+        "qwen3_moe",
+        dict(
+            hidden_size=48,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=12,
+            num_experts=9,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,  # MoE on layers 1 and 3
+            mlp_only_layers=[],
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3-gqa-unnormalised-mlponly0": (
+        "qwen3_moe",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=7,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            mlp_only_layers=[0],  # MoE on layers 1 and 2
+        ),
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def one_compute_thread():
     """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine.
@@ -110,8 +165,12 @@ def metrics_export_port(ray_cluster) -> int:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every parity config's checkpoint, AFMoE's and the other families'."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {name: write_afmoe_checkpoint(root / name, cfg, seed=1) for name, cfg in PARITY_CONFIGS.items()}
+    out = {name: write_afmoe_checkpoint(root / name, cfg, seed=1) for name, cfg in PARITY_CONFIGS.items()}
+    for name, (family, cfg) in FAMILY_PARITY_CONFIGS.items():
+        out[name] = write_checkpoint(root / name, cfg, seed=1, family=family)
+    return out
 
 
 @pytest.fixture(scope="session")

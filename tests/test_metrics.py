@@ -12,6 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from cluster.demo import write_checkpoint
 from cluster.metrics import engine as metrics_module
 from cluster.metrics import experts as expert_metrics
 from cluster.metrics import requests as request_metrics
@@ -144,6 +145,19 @@ def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_mode
     for recorder in recorded.values():
         assert all(t["model"] == "demo" and t["model_instance"] == "inst-1" for _, t in recorder.points)
     assert metrics._pending.expert_tokens == {}  # consumed by the flush
+
+
+def test_expert_series_name_the_decoder_layers_of_interleaved_moe_layers(recorded, tmp_path):
+    """Qwen3-MoE with decoder_sparse_step=2: MoE on decoder layers 1 and 3, labelled so."""
+    sparse = {"decoder_sparse_step": 2, "mlp_only_layers": []}
+    model = write_checkpoint(tmp_path / "qwen3", sparse, tokenizer=False, family="qwen3_moe")
+    core = local_core(model)
+    assert core.config.moe_layers == [1, 3]
+    metrics = EngineMetrics(core, "qwen3", "i", lambda: True, lambda: 0, True, flush_interval_s=3600)
+    run(core, metrics, {"a": [5, 6, 7, 8], "b": [9, 10]}, new=3)
+    pairs = (4 + 2 + 2 * 2) * core.config.num_experts_per_tok
+    assert recorded["moe_expert_layer_tokens"].by("layer") == {"1": pairs, "3": pairs}
+    assert {t["layer"] for _, t in recorded["moe_expert_imbalance"].points} == {"1", "3"}
 
 
 def test_prefix_cache_preemption_and_block_metrics(recorded, demo_model):

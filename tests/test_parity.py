@@ -1,7 +1,8 @@
-"""Same checkpoint, same tokens: the engine against transformers' AfmoeForCausalLM in fp32.
+"""Same checkpoint, same tokens: the engine against transformers' own model of each family in fp32.
 
-Every config runs on a real Ray cluster with 1, 2 and 4 expert actors over gloo, with two-batch overlap
-(the default) and, for 2 actors, without. The configs cover
+Every config (AFMoE's PARITY_CONFIGS, Mixtral's and Qwen3-MoE's FAMILY_PARITY_CONFIGS) runs on a real
+Ray cluster with 1, 2 and 4 expert actors over gloo, with two-batch overlap (the default) and, for 2
+actors, without. The AFMoE configs cover
 muP on/off, 0-2 dense layers, tied and untied embeddings, MHA / GQA / MQA, sliding windows shorter
 than the prompts, top-k 2-4, and expert counts (7, 9, 10) that no shard count divides.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AfmoeForCausalLM
+from transformers import AfmoeForCausalLM, AutoModelForCausalLM
 
 from cluster.engine import Engine
-from tests.conftest import PARITY_CONFIGS, hf_greedy
+from tests.conftest import FAMILY_PARITY_CONFIGS, PARITY_CONFIGS, hf_greedy
 
 PROMPTS = [
     [5, 17, 9, 22, 41, 7, 8, 100, 2, 60, 33, 11, 250, 7, 19],  # longer than every sliding window
@@ -28,7 +29,7 @@ NEW_TOKENS = 24
 def references(checkpoints):
     out = {}
     for name, path in checkpoints.items():
-        model = AfmoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         with torch.no_grad():
             logits = model(torch.tensor([PROMPTS[0]])).logits[0]
         out[name] = (logits, [hf_greedy(model, p, NEW_TOKENS) for p in PROMPTS])
@@ -36,7 +37,7 @@ def references(checkpoints):
 
 
 @pytest.mark.parametrize(("shards", "overlap"), [(1, True), (2, True), (4, True), (2, False)])
-@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+@pytest.mark.parametrize("name", [*PARITY_CONFIGS, *FAMILY_PARITY_CONFIGS])
 def test_engine_matches_transformers(ray_cluster, checkpoints, references, name, shards, overlap):
     ref_logits, ref_tokens = references[name]
     placement = "round_robin" if shards == 2 else "contiguous"

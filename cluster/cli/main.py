@@ -26,9 +26,16 @@ def _model_path(arg: str | None) -> Path:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from cluster.demo import copy_demo_model
+    from cluster.demo import FAMILIES, copy_demo_model, write_checkpoint
 
-    print(copy_demo_model(args.path))
+    if args.arch is None:
+        print(copy_demo_model(args.path))
+    elif args.arch not in FAMILIES:
+        known = ", ".join(FAMILIES)
+        print(f"moe-cluster demo-model: unknown --arch {args.arch!r}; known: {known}", file=sys.stderr)
+        return 2
+    else:
+        print(write_checkpoint(args.path, {}, seed=args.seed, family=args.arch))
     return 0
 
 
@@ -234,8 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo-model", help="copy the trained demo model (checkpoint and tokenizer) to PATH")
+    demo = sub.add_parser(
+        "demo-model",
+        help="copy the trained demo model (checkpoint and tokenizer) to PATH, or with --arch write a small "
+        "random checkpoint of that family with the demo tokenizer",
+    )
     demo.add_argument("path", type=Path)
+    demo.add_argument("--arch", help="a random model of this family: afmoe, mixtral or qwen3_moe")
+    demo.add_argument("--seed", type=int, default=0, help="the random model's seed (with --arch)")
     demo.set_defaults(run=cmd_demo_model)
 
     gen = sub.add_parser("generate", help="generate text on a local or joined Ray cluster")

@@ -253,7 +253,7 @@ class EngineMetrics:
     def _flush_experts(self, per_layer: dict[int, torch.Tensor]) -> None:
         if not per_layer:
             return
-        first_moe = self.core.config.num_dense_layers
+        decoder_layer = self.core.config.moe_layers  # MoE ordinal -> decoder layer (the label)
         counts = {layer: tokens.cpu() for layer, tokens in per_layer.items()}
         totals = torch.stack(list(counts.values())).sum(0)
         for expert in totals.nonzero().flatten().tolist():
@@ -261,10 +261,10 @@ class EngineMetrics:
         for layer, tokens in counts.items():
             ratio = rank_imbalance(tokens, self._shard_of, self._num_shards)
             if ratio is not None:
-                self._set(self.imbalance, ratio, {"layer": str(first_moe + layer)})
+                self._set(self.imbalance, ratio, {"layer": str(decoder_layer[layer])})
             if self.layer_expert_tokens is not None:
                 for expert in tokens.nonzero().flatten().tolist():
-                    tags = {"layer": str(first_moe + layer), "expert": str(expert)}
+                    tags = {"layer": str(decoder_layer[layer]), "expert": str(expert)}
                     self.layer_expert_tokens.inc(int(tokens[expert]), tags)
 
     @staticmethod

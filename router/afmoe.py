@@ -1,0 +1,132 @@
+"""AFMoE (Trinity, AfmoeForCausalLM): what this architecture is, on the shared blocks of router/layers.py.
+
+Gated attention with q/k norms and rope on the sliding layers only, four norms per decoder layer,
+sigmoid routing with an expert bias and a route scale, shared experts on the router, muP embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from router.config import ModelConfig, RawConfig
+from router.kv_cache import AttentionBatch, KVCache
+from router.layers import (
+    MLP,
+    MoEBlock,
+    MoEGate,
+    PagedAttention,
+    RMSNorm,
+    Rope,
+    RouterModel,
+    apply_rope,
+    feed_forward,
+    moe_indices,
+)
+
+ARCHITECTURE = "AfmoeForCausalLM"
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+class Attention(PagedAttention):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__(config, layer)
+        hidden, dim = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.heads * dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * dim, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, self.heads * dim, bias=False)
+        self.q_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(tokens, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(tokens, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+        if self.sliding:  # global layers carry no positional encoding
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.attend(q, k, v, cache, batch)
+        out = out.reshape(tokens, -1) * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(out)
+
+
+class AfmoeMoE(MoEBlock):
+    """`mlp.router.gate.weight`, `mlp.expert_bias` (selection only) and `mlp.shared_experts`."""
+
+    def __init__(self, config: ModelConfig, moe_index: int) -> None:
+        super().__init__(moe_index)
+        self.router = nn.ModuleDict({"gate": MoEGate(config)})
+        self.expert_bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32))
+        shared = config.moe_intermediate_size * config.num_shared_experts
+        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+
+    @property
+    def gate_module(self) -> MoEGate:
+        return self.router["gate"]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_module(x, self.expert_bias)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, layer)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+        moe = moe_indices(config)
+        self.mlp: nn.Module = (
+            AfmoeMoE(config, moe[layer])
+            if layer in moe
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+
+    def run(self, x, rope: Rope, cache: KVCache, batch: AttentionBatch, experts, tag: int):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, batch))
+        h = yield from feed_forward(self.mlp, self.pre_mlp_layernorm(x), experts, tag)
+        return x + self.post_mlp_layernorm(h)
+
+
+class AfmoeRouterModel(RouterModel):
+    def make_layer(self, config: ModelConfig, layer: int) -> nn.Module:
+        return DecoderLayer(config, layer)
+
+    def embed_scale(self) -> float | None:
+        return self.config.hidden_size**0.5 if self.config.mup_enabled else None
+
+
+def parse_config(raw: RawConfig) -> ModelConfig:
+    layers = int(raw.need("num_hidden_layers"))
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        every = int(raw.get("global_attn_every_n_layers") or 4)
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+    if len(layer_types) != layers or any(t not in LAYER_TYPES for t in layer_types):
+        raw.fail(f"layer_types must list {layers} entries from {LAYER_TYPES}")
+    dense = int(raw.get("num_dense_layers") or 0)
+    if not 0 <= dense <= layers:
+        raw.fail(f"num_dense_layers must be within 0..{layers}")
+    return raw.build(
+        architecture=ARCHITECTURE,
+        intermediate_size=int(raw.need("intermediate_size")),
+        moe_intermediate_size=int(raw.need("moe_intermediate_size")),
+        num_dense_layers=dense,
+        moe_layer_ids=tuple(range(dense, layers)),
+        num_experts=int(raw.need("num_experts")),
+        num_shared_experts=int(raw.get("num_shared_experts") or 0),
+        route_scale=float(raw.get("route_scale") or 1.0),
+        layer_types=tuple(layer_types),
+        mup_enabled=bool(raw.get("mup_enabled")),
+        gating="afmoe_sigmoid",
+    )
+
+
+Model = AfmoeRouterModel

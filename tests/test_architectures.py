@@ -1,0 +1,182 @@
+"""The model-adapter layer: which architecture a config.json selects, what it refuses, where each family's
+checkpoint keeps its tensors. Parity with transformers on Ray is tests/test_parity.py; here the engine
+core runs in this process (tests/toolkit.py local_core)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from cluster.demo import FAMILIES, write_checkpoint
+from experts.checkpoint import CheckpointReader
+from experts.shard import ExpertShard
+from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from router.tokenizer import Tokenizer
+from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy
+from tests.toolkit import REPO, local_core
+
+PROMPT = [5, 17, 9, 22, 41, 7, 8, 100, 2, 60, 33, 11, 250, 7, 19]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {
+        name: write_checkpoint(root / name, cfg, seed=2, family=family)
+        for name, (family, cfg) in FAMILY_PARITY_CONFIGS.items()
+    }
+
+
+def _raw(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def test_each_family_is_chosen_from_architectures(family_checkpoints) -> None:
+    for name, (family, _) in FAMILY_PARITY_CONFIGS.items():
+        config = ModelConfig.from_model_dir(family_checkpoints[name])
+        assert config.architecture == FAMILIES[family].architecture
+        assert config.architecture in SUPPORTED_ARCHITECTURES
+
+
+def test_an_unsupported_architecture_is_refused_with_the_supported_list(family_checkpoints) -> None:
+    raw = _raw(family_checkpoints["mixtral-gqa-window4-top2"]) | {"architectures": ["GptOssForCausalLM"]}
+    with pytest.raises(ConfigError, match="unsupported architecture") as err:
+        ModelConfig.from_dict(raw)
+    assert all(arch in str(err.value) for arch in SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("quantization_config", {"quant_method": "fp8"}, "quantization_config"),
+        (
+            "rope_parameters",
+            {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+            "rope_parameters.rope_type",
+        ),
+        ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_scaling type 'dynamic'"),
+        ("hidden_act", "gelu", "hidden_act 'gelu'"),
+        ("attention_bias", True, "attention_bias"),
+    ],
+)
+@pytest.mark.parametrize("name", list(FAMILY_PARITY_CONFIGS))
+def test_unsupported_fields_are_a_load_error_naming_them(family_checkpoints, name, field, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_dict(_raw(family_checkpoints[name]) | {field: value})
+
+
+def test_qwen3_sliding_window_is_refused(family_checkpoints) -> None:
+    raw = _raw(family_checkpoints["qwen3-gqa-unnormalised-mlponly0"])
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_dict(raw | {"use_sliding_window": True, "sliding_window": 8})
+
+
+@pytest.mark.parametrize("name", [n for n, (f, _) in FAMILY_PARITY_CONFIGS.items() if f == "qwen3_moe"])
+def test_qwen3_moe_layers_are_the_ones_transformers_builds(family_checkpoints, name) -> None:
+    reference = Qwen3MoeForCausalLM.from_pretrained(family_checkpoints[name])
+    sparse = [
+        i for i, layer in enumerate(reference.model.layers) if isinstance(layer.mlp, Qwen3MoeSparseMoeBlock)
+    ]
+    assert 0 < len(sparse) < len(reference.model.layers)
+    assert ModelConfig.from_model_dir(family_checkpoints[name]).moe_layers == sparse
+
+
+def _fused_copy(checkpoint: Path, target: Path) -> Path:
+    """The model as transformers holds it in memory (fused experts, `mlp.gate`), written as is."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    target.mkdir()
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight" or not model.config.tie_word_embeddings
+    }
+    save_file(state, target / "model.safetensors")
+    (target / "config.json").write_text((checkpoint / "config.json").read_text())
+    return target
+
+
+@pytest.mark.parametrize("name", list(FAMILY_PARITY_CONFIGS))
+def test_fused_and_per_expert_layouts_give_the_same_tokens(family_checkpoints, tmp_path, name) -> None:
+    torch.set_num_threads(1)
+    written = family_checkpoints[name]
+    fused = _fused_copy(written, tmp_path / "fused")
+    written_names, fused_names = (
+        set(load_file(written / "model.safetensors")),
+        set(load_file(fused / "model.safetensors")),
+    )
+    assert not any(n.endswith("experts.gate_up_proj") for n in written_names)  # save_pretrained: per expert
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in fused_names)
+    reference = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    expected = hf_greedy(reference, PROMPT, 12)
+    for path in (written, fused):
+        core = local_core(path, shards=3, max_num_batched_tokens=8)
+        [seq] = core.generate([PROMPT], [_greedy(12)])
+        assert seq.output_ids == expected, path.name
+
+
+def _greedy(tokens: int):
+    from router.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+
+def test_mixtral_shard_reads_only_its_experts(family_checkpoints, tmp_path) -> None:
+    written = family_checkpoints["mixtral-gqa-window4-top2"]
+    config = ModelConfig.from_model_dir(written)
+    owned = [1, 4, 6]
+    tensors = load_file(written / "model.safetensors")
+    unowned = re.compile(rf"\.experts\.(?!({'|'.join(map(str, owned))})\.)")
+    kept = {n: t for n, t in tensors.items() if not unowned.search(n)}
+    assert len(kept) < len(tensors)
+    save_file(kept, tmp_path / "model.safetensors")
+    shard = ExpertShard.load(CheckpointReader(tmp_path), config.moe_layers, owned, torch.float32)
+    inter = config.moe_intermediate_size
+    for local, expert in enumerate(owned):
+        prefix = f"model.layers.0.block_sparse_moe.experts.{expert}"
+        assert torch.equal(shard.gate_up[0][local, :inter], tensors[f"{prefix}.w1.weight"])
+        assert torch.equal(shard.gate_up[0][local, inter:], tensors[f"{prefix}.w3.weight"])
+        assert torch.equal(shard.down[0][local], tensors[f"{prefix}.w2.weight"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_demo_model_arch_writes_a_servable_checkpoint_with_a_tokenizer(tmp_path, family) -> None:
+    target = tmp_path / family
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "cluster.cli.main", "demo-model", str(target), "--arch", family],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr
+    config = ModelConfig.from_model_dir(target)
+    assert config.architecture == FAMILIES[family].architecture
+    assert Tokenizer.from_model_dir(target).encode("hello world")
+    assert (target / "tokenizer.json").is_file()
+
+
+def test_demo_model_refuses_an_unknown_arch(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "cluster.cli.main", "demo-model", str(tmp_path / "m"), "--arch", "llama"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert run.returncode == 2
+    assert "unknown --arch 'llama'" in run.stderr and "qwen3_moe" in run.stderr
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,115 @@
+"""Random checkpoints of the other families (from `demo-model --arch`'s writer) through the commands:
+Qwen3-MoE through `generate` and through the same Serve app with the real openai client, Mixtral
+through `batch`; greedy tokens equal transformers' own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import ray
+import torch
+from transformers import MixtralForCausalLM, Qwen3MoeForCausalLM
+
+from cluster.demo import write_checkpoint
+from router.config import ModelConfig
+from router.tokenizer import Tokenizer
+from tests.conftest import hf_greedy, served_app, served_model, small_app
+from tests.toolkit import REPO
+
+PROMPTS = ["The experts", "def read_config(path):"]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("qwen3") / "model", {}, seed=4, family="qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def reference(qwen3_model) -> Qwen3MoeForCausalLM:
+    return Qwen3MoeForCausalLM.from_pretrained(qwen3_model, dtype=torch.float32).eval()
+
+
+def _cli(*args: str) -> str:
+    """`moe-cluster ARGS` in a fresh interpreter joined to the session's cluster; its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env["RAY_AUTH_MODE"] = "token"
+    run = subprocess.run(
+        [sys.executable, "-m", "cluster.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def _assert_greedy(model: Path, reference, prompt: list[int], got: list[int]) -> None:
+    """`got` is transformers' greedy continuation, up to NEW_TOKENS or an end token."""
+    eos = set(ModelConfig.from_model_dir(model).eos_token_ids)
+    assert got == hf_greedy(reference, prompt, NEW_TOKENS)[: len(got)]
+    assert len(got) == NEW_TOKENS or got[-1] in eos
+
+
+def test_generate_takes_a_qwen3_moe_checkpoint(ray_cluster, qwen3_model, reference) -> None:
+    tokenizer = Tokenizer.from_model_dir(qwen3_model)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    args = [arg for ids in prompts for arg in ("--prompt-ids", ",".join(map(str, ids)))]
+    out = _cli(
+        "generate", "--model", str(qwen3_model), "--expert-shards", "2", "--max-tokens", str(NEW_TOKENS),
+        "--json", *args,
+    )  # fmt: skip
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == len(prompts)
+    for record, ids in zip(records, prompts, strict=True):
+        _assert_greedy(qwen3_model, reference, ids, record["token_ids"])
+
+
+def test_batch_takes_a_mixtral_checkpoint(ray_cluster, tmp_path) -> None:
+    model = write_checkpoint(tmp_path / "mixtral", {"sliding_window": 6}, seed=5, family="mixtral")
+    reference = MixtralForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    prompts = [[5 + (7 * n + k) % 300 for k in range(3 + 4 * n)] for n in range(4)]  # some past the window
+    records = [{"id": f"r{n}", "prompt": p, "max_tokens": NEW_TOKENS} for n, p in enumerate(prompts)]
+    source, result = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _cli(
+        "batch", "--input", str(source), "--output", str(result), "--model", str(model),
+        "--expert-shards", "2", "--router-cpus", "0.5", "--expert-cpus", "0.5",
+    )  # fmt: skip
+    by_id = {r["id"]: r for r in map(json.loads, result.read_text().splitlines())}
+    assert set(by_id) == {r["id"] for r in records}
+    for n, prompt in enumerate(prompts):
+        _assert_greedy(model, reference, prompt, by_id[f"r{n}"]["token_ids"])
+
+
+@pytest.fixture(scope="module")
+def qwen3_url(serve_http, qwen3_model) -> Iterator[str]:
+    options = small_app(qwen3_model, expert_shards=2, max_model_len=128, max_num_seqs=8)
+    with served_app(serve_http, "qwen3", options) as url:
+        yield url
+
+
+def test_qwen3_moe_served_with_openai_client_equals_transformers(qwen3_model, qwen3_url, reference) -> None:
+    config = ModelConfig.from_model_dir(qwen3_model)
+    assert config.architecture == "Qwen3MoeForCausalLM" and config.num_experts % 2  # no even split
+    tokenizer = Tokenizer.from_model_dir(qwen3_model)
+    client = openai.OpenAI(base_url=f"{qwen3_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    model = served_model(qwen3_url)
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        expected = hf_greedy(reference, ids, NEW_TOKENS)
+        out = client.completions.create(
+            model=model, prompt=ids, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+        )
+        [choice] = out.choices
+        assert out.usage.completion_tokens == NEW_TOKENS
+        assert choice.text == tokenizer.decode(expected), prompt
