@@ -17,6 +17,18 @@ from tests.toolkit import error_object
 
 APP_DEFAULTS = {"expert_shards": 1, "max_model_len": 256, "max_num_seqs": 32}
 PROMPT_FIELD = {"completions": "prompt", "chat/completions": "messages", "responses": "input"}
+TIME = {  # a chat tool (test_api_tools.py; flat, test_api_responses.py)
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def api_app(name: str, model: str = "demo_model", **options: object) -> Callable:
