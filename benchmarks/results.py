@@ -56,7 +56,7 @@ def _git(*args: str) -> str | None:
 def _commit() -> str | None:
     """HEAD, with "+changes" when the work tree differs from it (outside benchmarks/results/)."""
     head = _git("rev-parse", "HEAD")
-    changed = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    changed = _git("status", "--porcelain", "--", ":/", ":(top,exclude)benchmarks/results")
     return f"{head}+changes" if head and changed else head
 
 

@@ -3,23 +3,19 @@
 Both phases run on one server (local Ray + Serve, the demo model, 1 expert shard), the same prompts and
 max_tokens; the constrained phase asks for a JSON array of 400 digits, so that every stream runs to
 max_tokens like the free one (ignore_eos). Rounds alternate the two phases; output tokens/s per phase and
-their ratio (target >= 0.8) go to benchmarks/results/structured-<date>.json.
+their ratio (target >= 0.8) go to benchmarks/results/structured-<UTC time>.json (benchmarks/results.py).
 
-    PYTHONPATH=. python benchmarks/structured.py [--clients 16] [--max-tokens 64] [--rounds 3]
+    PYTHONPATH=. python -m benchmarks.structured [--clients 16] [--max-tokens 64] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
+from benchmarks.results import BenchmarkRun
 from benchmarks.serving import PROMPTS, LocalServer, discover_model
 
 TARGET_RATIO = 0.8
@@ -72,16 +68,20 @@ async def phase(url: str, model: str, clients: int, max_tokens: int, constrained
         )
         elapsed = time.perf_counter() - started
     tokens = sum(t for t, _ in results)
-    if constrained:  # every output is a prefix of a digit array: "[d,d,d,..."
-        assert all(text.startswith("[") and set(text[1:]) <= set("0123456789,") for _, text in results), (
-            results
-        )
+    if constrained:  # every output is a prefix of the digit array: "[d,d,d,..."
+        bad = [text for _, text in results if not _digit_array_prefix(text)]
+        assert not bad, f"constrained output off the schema: {bad[:2]}"
     return {
         "constrained": constrained,
         "seconds": elapsed,
         "output_tokens": tokens,
         "tokens_per_s": tokens / elapsed,
     }
+
+
+def _digit_array_prefix(text: str) -> bool:
+    body = text[1:]
+    return text.startswith("[") and all(c.isdigit() for c in body[0::2]) and set(body[1::2]) <= {","}
 
 
 def main() -> None:
@@ -92,8 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     from cluster.demo import demo_model_path
 
+    run = BenchmarkRun("structured", args)
     options = {"model": str(demo_model_path()), "expert_shards": 1, "max_num_seqs": 32, "max_model_len": 512}
-    load_before = os.getloadavg()
     with LocalServer(options, cpus=4) as server:
         model = asyncio.run(discover_model(server.url, "unused"))
         asyncio.run(phase(server.url, model, args.clients, 8, True))  # warm-up: compiles the schema once
@@ -113,26 +113,21 @@ def main() -> None:
             print(f"free {free_rate:.1f} tok/s, constrained {constrained_rate:.1f} tok/s", flush=True)
     ratios = [r["ratio"] for r in rounds]
     out = {
-        "benchmark": "structured",
-        "date": datetime.now(UTC).isoformat(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "clients": args.clients,
         "max_tokens": args.max_tokens,
+        "schema": SCHEMA,
         "rounds": rounds,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "target": TARGET_RATIO,
+        "target_met": statistics.median(ratios) >= TARGET_RATIO,
     }
     print(
         f"constrained / free output tokens/s: median {out['ratio_median']:.3f} "
         f"(min {out['ratio_min']:.3f}, max {out['ratio_max']:.3f}); target >= {TARGET_RATIO}"
     )
-    path = Path("benchmarks/results") / f"structured-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(path)
+    run.write(out)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,66 @@
-"""What the test_api_* modules share: one Serve app per module, OpenAI error bodies, streamed choices."""
+"""What the test_api_* modules share: one Serve app per module, refusals through the openai client,
+streamed choices.
+
+A module names its app once, `api_url = api_app("name", ...)`; the `client`, `http` and `model_name`
+fixtures are tests/serve_api_app.py's (a plugin), and they read that module's `api_url`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import served_app as served
-from tests.toolkit import openai_error
+from tests.conftest import served_app, small_app
+from tests.toolkit import error_object
 
-__all__ = ["openai_error", "served"]
+APP_DEFAULTS = {"expert_shards": 1, "max_model_len": 256, "max_num_seqs": 32}
+PROMPT_FIELD = {"completions": "prompt", "chat/completions": "messages", "responses": "input"}
+TIME = {  # a chat tool (test_api_tools.py; flat, test_api_responses.py)
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
-def app_options(demo_model, **overrides) -> dict:
-    """The demo model on one expert shard: what these modules test is the API, not the exchange."""
-    return {
-        "model": str(demo_model),
-        "expert_shards": 1,
-        "router_cpus": 0.5,
-        "expert_cpus": 0.5,
-        "max_model_len": 256,
-        "max_num_seqs": 32,
-        **overrides,
-    }
+def api_app(name: str, model: str = "demo_model", **options: object) -> Callable:
+    """The module's `api_url` fixture: the real app at /<name>, serving the checkpoint of fixture `model`
+    on one expert shard (what these modules test is the API, not the exchange)."""
+
+    @pytest.fixture(scope="module")
+    def api_url(serve_http: str, request: pytest.FixtureRequest) -> Iterator[str]:
+        path = request.getfixturevalue(model)
+        with served_app(serve_http, name, small_app(path, **{**APP_DEFAULTS, **options})) as url:
+            yield url
+
+    return api_url
 
 
-def openai_client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def refused(client: openai.OpenAI, endpoint: str, body: dict, stream: bool = False) -> dict:
+    """Sends `body` with the openai client's own create method for `endpoint`; asserts a 400 with an
+    OpenAI error body (before any stream starts) and that the server serves the next request.
+    Returns the error object."""
+    create = {
+        "completions": client.completions.create,
+        "chat/completions": client.chat.completions.create,
+        "responses": client.responses.create,
+    }[endpoint]
+    fields = dict(body)
+    named = {k: fields.pop(k) for k in ("model", PROMPT_FIELD[endpoint]) if k in fields}
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(**named, stream=stream, extra_body=fields)
+    error = error_object(caught.value.response.json())
+    after = client.completions.create(model=body["model"], prompt="Hi", max_tokens=1, temperature=0)
+    assert after.usage.completion_tokens == 1
+    return error
 
 
 def stream_texts(client: openai.OpenAI, chat: bool, **request) -> tuple[dict[int, str], dict[int, str], list]:
@@ -45,22 +77,3 @@ def stream_texts(client: openai.OpenAI, chat: bool, **request) -> tuple[dict[int
                 assert choice.index not in finish, "a choice finished twice"
                 finish[choice.index] = choice.finish_reason
     return texts, finish, chunks
-
-
-# The fixtures below use the `api_url` fixture of the module that imports them (one app per module).
-
-
-@pytest.fixture(scope="module")
-def client(api_url: str) -> openai.OpenAI:
-    return openai_client(api_url)
-
-
-@pytest.fixture(scope="module")
-def http(api_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=120) as session:
-        yield session
-
-
-@pytest.fixture(scope="module")
-def model_name(http: httpx.Client) -> str:
-    return http.get("/v1/models").json()["data"][0]["id"]

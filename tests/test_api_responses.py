@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import jsonschema
 import pytest
 
-from tests.api_helpers import app_options, client, http, model_name, openai_error, served
+from tests.api_helpers import TIME, api_app, refused
 
-TOOL = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
+TOOL = {"type": "function", **TIME["function"]}  # Responses' flat function tool
 
-
-@pytest.fixture(scope="module")
-def api_url(serve_http, demo_model) -> Iterator[str]:
-    # room for the tool's description in the prompt and a whole forced call after it
-    with served(serve_http, "responses", app_options(demo_model, max_model_len=512)) as url:
-        yield url
+api_url = api_app("responses", max_model_len=512)  # room for the tool's description and a forced call
 
 
 def test_text_response_equals_the_chat_completion(client, model_name):
@@ -105,7 +90,8 @@ def test_a_required_function_call(client, model_name, stream):
         ({"max_output_tokens": 0}, "max_output_tokens"),
     ],
 )
-def test_bad_responses_requests_are_400(http, model_name, fields, param):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_bad_responses_requests_are_400(client, model_name, fields, param, stream):
     body = {"model": model_name, "input": "Hi", "max_output_tokens": 2, **fields}
-    error = openai_error(http.post("/v1/responses", json=body), 400)
+    error = refused(client, "responses", body, stream)
     assert (error["param"] or "").startswith(param), error

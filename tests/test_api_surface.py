@@ -3,31 +3,16 @@ completion prompt lists, echo, logprobs offsets, GET /v1/models/{id}, no empty c
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-
 import openai
 import pytest
 
-from tests.api_helpers import (
-    app_options,
-    client,
-    http,
-    model_name,
-    openai_error,
-    served,
-    stream_texts,
-)
+from tests.api_helpers import api_app, refused, stream_texts
 
 MAX_MODEL_LEN = 128
 PROMPTS = ["A computer program", "The harbour", "Once"]
 CHAT = [{"role": "user", "content": "Tell me a story"}]
 
-
-@pytest.fixture(scope="module")
-def api_url(serve_http, demo_model) -> Iterator[str]:
-    with served(serve_http, "surface", app_options(demo_model, max_model_len=MAX_MODEL_LEN)) as url:
-        yield url
+api_url = api_app("surface", max_model_len=MAX_MODEL_LEN)
 
 
 def _greedy(client, model_name, prompt, **fields) -> openai.types.Completion:
@@ -101,35 +86,29 @@ def test_a_model_can_be_retrieved_by_id(client, model_name):
         client.models.retrieve("no-such-model")
 
 
-def _raw_stream(http, endpoint: str, body: dict) -> list[dict]:
-    with http.stream("POST", f"/v1/{endpoint}", json=body) as response:
-        assert response.status_code == 200
-        lines = [line[len("data: ") :] for line in response.iter_lines() if line]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
-
-
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
-def test_no_stream_chunk_is_empty(http, model_name, endpoint):
+def test_no_stream_chunk_is_empty(client, model_name, endpoint):
     """The demo model writes many partial UTF-8 characters (tokens with no text of their own yet)."""
-    body = {"model": model_name, "max_tokens": 60, "temperature": 1.0, "seed": 5, "n": 3, "stream": True}
-    body |= {"prompt": PROMPTS[0]} if endpoint == "completions" else {"messages": CHAT}
-    events = _raw_stream(http, endpoint, body)
-    for event in events:
-        for choice in event["choices"]:
-            if choice["finish_reason"] is not None:
+    request = dict(model=model_name, max_tokens=60, temperature=1.0, seed=5, n=3)
+    chat = endpoint == "chat/completions"
+    request |= {"messages": CHAT} if chat else {"prompt": PROMPTS[0]}
+    texts, finish, chunks = stream_texts(client, chat=chat, **request)
+    assert sorted(finish) == [0, 1, 2] and all(texts.values())
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.finish_reason is not None:
                 continue
-            if endpoint == "completions":
-                assert choice["text"], event
+            if chat:
+                assert choice.delta.role == "assistant" or choice.delta.content, chunk
             else:
-                assert "role" in choice["delta"] or choice["delta"].get("content"), event
+                assert choice.text, chunk
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("what", ["max_tokens", "prompt"])
-def test_beyond_the_context_is_context_length_exceeded(http, model_name, endpoint, stream, what):
-    body: dict = {"model": model_name, "stream": stream, "max_tokens": 8}
+def test_beyond_the_context_is_context_length_exceeded(client, model_name, endpoint, stream, what):
+    body: dict = {"model": model_name, "max_tokens": 8}
     long = "word " * (MAX_MODEL_LEN + 20)
     if endpoint == "completions":
         body["prompt"] = long if what == "prompt" else PROMPTS[0]
@@ -137,7 +116,7 @@ def test_beyond_the_context_is_context_length_exceeded(http, model_name, endpoin
         body["messages"] = [{"role": "user", "content": long if what == "prompt" else "Hi"}]
     if what == "max_tokens":
         body["max_tokens"] = MAX_MODEL_LEN
-    error = openai_error(http.post(f"/v1/{endpoint}", json=body), 400)
+    error = refused(client, endpoint, body, stream)
     assert error["code"] == "context_length_exceeded", error
     if what == "max_tokens":
         assert error["param"] == "max_tokens"
@@ -155,7 +134,6 @@ def test_max_tokens_that_fits_is_served_through_the_client(client, model_name):
 @pytest.mark.parametrize(
     ("endpoint", "fields", "param"),
     [
-        ("chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
         ("completions", {"prompt": ["a"] * 33}, "prompt"),
         ("completions", {"prompt": [["a"]]}, "prompt"),
         (
@@ -166,8 +144,20 @@ def test_max_tokens_that_fits_is_served_through_the_client(client, model_name):
         ("chat/completions", {"modalities": ["audio"]}, "modalities"),
     ],
 )
-def test_surface_bad_input_is_400(http, model_name, endpoint, fields, param):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_surface_bad_input_is_400(client, model_name, endpoint, fields, param, stream):
     body = {"model": model_name, "max_tokens": 2}
     body |= {"prompt": "Hi"} if endpoint == "completions" else {"messages": CHAT}
-    error = openai_error(http.post(f"/v1/{endpoint}", json=body | fields), 400)
+    error = refused(client, endpoint, body | fields, stream)
     assert (error["param"] or "").startswith(param), error
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_stream_options_without_stream_is_400(client, model_name, endpoint):
+    chat = endpoint == "chat/completions"
+    body = {"model": model_name, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    body |= {"messages": CHAT} if chat else {"prompt": "Hi"}
+    error = refused(client, endpoint, body, stream=False)
+    assert error["param"] == "stream_options", error
+    _, _, chunks = stream_texts(client, chat=chat, **body)
+    assert chunks[-1].usage.completion_tokens >= 1

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from cluster.instance.prompts import PromptEncoder
-from tests.api_helpers import app_options, client, http, model_name, openai_error, served
+from tests.api_helpers import TIME, api_app, refused
 
 HERMES_TEMPLATE = """{{ bos_token }}
 {%- if tools %}<|im_start|>system
@@ -47,18 +46,6 @@ WEATHER = {
         },
     },
 }
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 TOOLS = [WEATHER, TIME]
 PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -75,11 +62,7 @@ def tool_model(demo_model, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def api_url(serve_http, tool_model) -> Iterator[str]:
-    options = app_options(tool_model, max_model_len=1024, tool_call_parser="hermes")
-    with served(serve_http, "tools", options) as url:
-        yield url
+api_url = api_app("tools", "tool_model", max_model_len=1024, tool_call_parser="hermes")
 
 
 def _assert_valid_calls(calls, names: set[str]) -> None:
@@ -122,12 +105,17 @@ def test_a_named_function_is_the_one_called(client, model_name):
         _assert_valid_calls(choice.message.tool_calls, {"get_time"})
 
 
-def test_streamed_tool_call_deltas_assemble_to_the_whole_call(client, model_name):
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["required", "named"],
+)
+def test_streamed_tool_call_deltas_assemble_to_the_whole_call(client, model_name, tool_choice):
     request = dict(
         model=model_name,
         messages=ASK,
         tools=TOOLS,
-        tool_choice="required",
+        tool_choice=tool_choice,
         temperature=1.0,
         seed=8,
         max_tokens=400,
@@ -138,14 +126,19 @@ def test_streamed_tool_call_deltas_assemble_to_the_whole_call(client, model_name
     for chunk in client.chat.completions.create(stream=True, **request):
         for choice in chunk.choices:
             for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                call = calls.setdefault(delta.index, {"type": None, "id": "", "name": "", "arguments": ""})
+                call["type"] = delta.type or call["type"]
+                call["id"] += delta.id or ""
                 call["name"] += delta.function.name or ""
                 call["arguments"] += delta.function.arguments or ""
             finish = choice.finish_reason or finish
     expected = [
-        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls
+        {"type": "function", "name": c.function.name, "arguments": c.function.arguments}
+        for c in whole.message.tool_calls
     ]
-    assert [calls[i] for i in sorted(calls)] == expected and finish == "tool_calls"
+    assert [{k: v for k, v in calls[i].items() if k != "id"} for i in sorted(calls)] == expected
+    assert all(call["id"] for call in calls.values()) and finish == "tool_calls"
+    _assert_valid_calls(whole.message.tool_calls, {"get_weather", "get_time"})
 
 
 def test_a_multi_turn_conversation_with_tool_results_reaches_the_template(client, model_name, tool_model):
@@ -215,9 +208,8 @@ def test_a_multi_turn_conversation_with_tool_results_reaches_the_template(client
         ),
     ],
 )
-def test_bad_tool_requests_are_400_and_the_server_keeps_serving(http, model_name, fields, param):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_bad_tool_requests_are_400_and_the_server_keeps_serving(client, model_name, fields, param, stream):
     body = {"model": model_name, "messages": ASK, "max_tokens": 2, **fields}
-    error = openai_error(http.post("/v1/chat/completions", json=body), 400)
+    error = refused(client, "chat/completions", body, stream)
     assert (error["param"] or "").startswith(param), error
-    ok = http.post("/v1/chat/completions", json={"model": model_name, "messages": ASK, "max_tokens": 1})
-    assert ok.status_code == 200

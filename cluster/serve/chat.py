@@ -18,8 +18,7 @@ def _json_output(body: ChatCompletionRequest) -> JsonOutput | None:
     forced = forced_functions(body.tools, body.tool_choice)
     if forced is not None:
         return JsonOutput(forced_calls_schema(forced, body.parallel_tool_calls))
-    form = body.response_format
-    return JsonOutput(form.schema()) if form is not None and form.type != "text" else None
+    return body.json_output()
 
 
 def chat_requests(body: ChatCompletionRequest) -> list[GenerateRequest]:

@@ -13,12 +13,14 @@ from cluster.serve.streaming import collect, merge
 
 def completion_requests(body: CompletionRequest) -> list[GenerateRequest]:
     """Choice p * n + j is prompt p's j-th sample."""
+    json_output = body.json_output()
     return [
         GenerateRequest(
             sampling(body, body.max_tokens, body.logprobs, j),
             prompt=prompt,
             stop=body.stop_list(),
             echo=body.echo,
+            json_output=json_output,
         )
         for prompt in body.prompts()
         for j in range(body.n)

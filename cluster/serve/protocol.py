@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
 )
 
+from cluster.serve.messages import JsonOutput
 from cluster.serve.openai_error import OpenAIError
 from cluster.serve.tools.schema import NamedToolChoice, Tool, ToolCallIn, ToolChoice, check_tools
 
@@ -41,6 +42,40 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: StrictStr = Field(..., min_length=1, max_length=64)
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] = Field(..., alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def check(self) -> None:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise OpenAIError(
+                400,
+                "response_format.json_schema is required with type json_schema, and only then",
+                param="response_format.json_schema",
+            )
+        if self.json_schema is not None:
+            schema = self.json_schema.json_schema
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as err:
+                raise OpenAIError(
+                    400,
+                    f"response_format.json_schema.schema is not a valid JSON schema: {err.message}",
+                    param="response_format.json_schema.schema",
+                ) from None
 
 
 class SamplingFields(BaseModel):
@@ -71,6 +106,7 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=64)
     ignore_eos: StrictBool = False
     user: StrictStr | None = None  # accepted for compatibility; not used
+    response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -88,6 +124,15 @@ class SamplingFields(BaseModel):
             raise OpenAIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
+        if self.response_format is not None:
+            self.response_format.check()
+
+    def json_output(self) -> JsonOutput | None:
+        """What response_format constrains the output to (None: free text)."""
+        form = self.response_format
+        if form is None or form.type == "text":
+            return None
+        return JsonOutput(form.json_schema.json_schema if form.json_schema is not None else None)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -184,46 +229,8 @@ def check_tool_turns(messages: list[ChatMessage]) -> None:
             )
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    name: StrictStr = Field(..., min_length=1, max_length=64)
-    description: StrictStr | None = None
-    json_schema: dict[str, Any] = Field(..., alias="schema")
-    strict: StrictBool | None = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    def check(self) -> None:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise OpenAIError(
-                400,
-                "response_format.json_schema is required with type json_schema, and only then",
-                param="response_format.json_schema",
-            )
-        if self.json_schema is not None:
-            schema = self.json_schema.json_schema
-            try:
-                jsonschema.validators.validator_for(schema).check_schema(schema)
-            except jsonschema.SchemaError as err:
-                raise OpenAIError(
-                    400,
-                    f"response_format.json_schema.schema is not a valid JSON schema: {err.message}",
-                    param="response_format.json_schema.schema",
-                ) from None
-
-    def schema(self) -> dict[str, Any] | None:
-        return self.json_schema.json_schema if self.json_schema is not None else None
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    response_format: ResponseFormat | None = None
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
@@ -235,14 +242,10 @@ class ChatCompletionRequest(SamplingFields):
         super().check()
         check_tool_turns(self.messages)
         check_tools(self.tools, self.tool_choice)
-        if self.response_format is not None:
-            self.response_format.check()
-            if self.response_format.type != "text" and self.tool_choice not in (None, "none", "auto"):
-                raise OpenAIError(
-                    400,
-                    "response_format and a forced tool_choice exclude each other",
-                    param="response_format",
-                )
+        if self.json_output() is not None and self.tool_choice not in (None, "none", "auto"):
+            raise OpenAIError(
+                400, "response_format and a forced tool_choice exclude each other", param="response_format"
+            )
 
     def tool_dicts(self) -> list[dict] | None:
         """The tools as chat templates read them (None: no tools, or tool_choice none)."""

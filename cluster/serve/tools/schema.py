@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
@@ -22,24 +22,26 @@ class FunctionDef(BaseModel):
     strict: StrictBool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["function"]
-    function: FunctionDef
-
-
 class FunctionName(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: StrictStr
 
 
-class NamedToolChoice(BaseModel):
+F = TypeVar("F", bound=BaseModel)
+
+
+class Function(BaseModel, Generic[F]):
+    """`{"type": "function", "function": ...}`: a tool (FunctionDef) or a named tool_choice (FunctionName)."""
+
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["function"]
-    function: FunctionName
+    function: F
+
+
+Tool = Function[FunctionDef]
+NamedToolChoice = Function[FunctionName]
 
 
 class FunctionCall(BaseModel):
