@@ -21,6 +21,7 @@ from cluster.demo import write_checkpoint
 from router.config import ModelConfig
 from router.tokenizer import Tokenizer
 from tests.conftest import hf_greedy, served_app, served_model, small_app
+from tests.test_batch import read_output
 from tests.toolkit import REPO
 
 PROMPTS = ["The experts", "def read_config(path):"]
@@ -79,13 +80,13 @@ def test_batch_takes_a_mixtral_checkpoint(ray_cluster, tmp_path) -> None:
     reference = MixtralForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     prompts = [[5 + (7 * n + k) % 300 for k in range(3 + 4 * n)] for n in range(4)]  # some past the window
     records = [{"id": f"r{n}", "prompt": p, "max_tokens": NEW_TOKENS} for n, p in enumerate(prompts)]
-    source, result = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source, result = tmp_path / "in.jsonl", tmp_path / "out"
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
     _cli(
         "batch", "--input", str(source), "--output", str(result), "--model", str(model),
         "--expert-shards", "2", "--router-cpus", "0.5", "--expert-cpus", "0.5",
     )  # fmt: skip
-    by_id = {r["id"]: r for r in map(json.loads, result.read_text().splitlines())}
+    by_id = {r["id"]: r for r in read_output(result)}
     assert set(by_id) == {r["id"] for r in records}
     for n, prompt in enumerate(prompts):
         _assert_greedy(model, reference, prompt, by_id[f"r{n}"]["token_ids"])
