@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on one machine: a head and worker nodes, each its own `ray start --block`.
 
-Every node runs in a process group of its own (its raylet, agents and every worker it spawned), so a
-node is lost the way a machine is: SIGKILL to that whole group at once. The cluster is independent of
+Every node runs in a process group of its own (its raylet, agents and the workers it spawned), so a
+node is lost the way a machine is: SIGKILL to that whole group, and to any descendant of its
+`ray start` outside the group, at once. The cluster is independent of
 the session cluster of tests/conftest.py: nothing here calls ray.init, and drivers that need one run as
 subprocesses with RAY_ADDRESS set to this cluster. Token authentication stays on.
 """
@@ -168,7 +169,8 @@ class RayNodes:
         return at, pids
 
     def stop(self) -> None:
-        """Stops every node: its process group, and anything still naming this cluster's temp dir."""
+        """Stops every node: its process group, its descendants, anything still naming the temp dir."""
+        descendants = [pid for node in self.nodes for pid in node.processes()]
         for node in reversed(self.nodes):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pgid, signal.SIGTERM)
@@ -178,7 +180,7 @@ class RayNodes:
         for node in self.nodes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pgid, signal.SIGKILL)
-        for pid in pids_naming(self.temp_dir):
+        for pid in {*descendants, *pids_naming(self.temp_dir)}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.nodes.clear()
