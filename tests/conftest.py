@@ -188,6 +188,18 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     return ids[len(prompt) :]
 
 
+def hf_reference(
+    path: Path, prompts: list[list[int]], new_tokens: int
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """transformers in fp32: the logits of the first prompt, and every prompt's greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]])).logits[0]
+    return logits, [hf_greedy(model, p, new_tokens) for p in prompts]
+
+
 def free_port() -> int:
     import socket
 

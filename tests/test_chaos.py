@@ -9,11 +9,9 @@ RESULTS_PATH (and to stdout under `pytest -s`).
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,12 +20,15 @@ from ray import serve
 
 from tests.conftest import deploy_app, served_app, served_model
 from tests.toolkit import (
+    Progress,
     Stream,
     experts_in,
     kill,
     pid_gone,
     record_result,
     replica_actor,
+    run_streams,
+    stall_after,
     stream_completion,
     wait_for,
 )
@@ -71,37 +72,10 @@ def record(key: str, value: object) -> None:
     record_result(RESULTS_PATH, key, value)
 
 
-class Progress:
-    """Completed requests, for a chaos schedule that acts at points of the run."""
-
-    def __init__(self) -> None:
-        self._done = 0
-        self._cond = threading.Condition()
-
-    def completed(self) -> None:
-        with self._cond:
-            self._done += 1
-            self._cond.notify_all()
-
-    def wait(self, count: int, timeout: float) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._done >= count, timeout):
-                raise TimeoutError(f"only {self._done} of {count} requests completed in {timeout} s")
-
-
 def run_workload(url: str, model: str, progress: Progress | None = None) -> list[Stream]:
     """REQUESTS greedy streams, CONCURRENCY at a time; results in PROMPTS order."""
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
-    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT, limits=limits) as http:
-
-        def one(prompt: str) -> Stream:
-            result = stream_completion(http, model, prompt, MAX_TOKENS)
-            if progress:
-                progress.completed()
-            return result
-
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            return list(pool.map(one, PROMPTS))
+    requests = [(p, {}) for p in PROMPTS]
+    return run_streams(url, model, requests, CONCURRENCY, MAX_TOKENS, progress, HTTP_TIMEOUT)
 
 
 def stats(app: str = APP) -> dict:
@@ -111,22 +85,6 @@ def stats(app: str = APP) -> dict:
 
 def rounded(value: object) -> object:
     return round(value, 2) if isinstance(value, float) else value
-
-
-def stall_after(streams: list[Stream], at: float, window: float = 120.0) -> tuple[float, float]:
-    """Client-visible pause after a fault at `at`: (longest wait from `at` to a stream's next token,
-    longest wait between two tokens of a stream, or its start and first token, ending within `window`).
-    """
-    waits, gaps = [0.0], [0.0]
-    for s in streams:
-        times = [s.started, *s.times]
-        for earlier, later in itertools.pairwise(times):
-            if at < later <= at + window:
-                gaps.append(later - max(earlier, at))
-        after = [t for t in s.times if t > at]
-        if s.started <= at and after:
-            waits.append(after[0] - at)
-    return max(waits), max(gaps)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

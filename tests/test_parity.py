@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AfmoeForCausalLM, AutoModelForCausalLM
+from transformers import AfmoeForCausalLM
 
 from cluster.engine import Engine
-from tests.conftest import FAMILY_PARITY_CONFIGS, PARITY_CONFIGS, hf_greedy
+from tests.conftest import FAMILY_PARITY_CONFIGS, PARITY_CONFIGS, hf_greedy, hf_reference
 
 PROMPTS = [
     [5, 17, 9, 22, 41, 7, 8, 100, 2, 60, 33, 11, 250, 7, 19],  # longer than every sliding window
@@ -27,13 +27,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def references(checkpoints):
-    out = {}
-    for name, path in checkpoints.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits = model(torch.tensor([PROMPTS[0]])).logits[0]
-        out[name] = (logits, [hf_greedy(model, p, NEW_TOKENS) for p in PROMPTS])
-    return out
+    return {name: hf_reference(path, PROMPTS, NEW_TOKENS) for name, path in checkpoints.items()}
 
 
 @pytest.mark.parametrize(("shards", "overlap"), [(1, True), (2, True), (4, True), (2, False)])

@@ -8,13 +8,16 @@ benchmark as `from tests.toolkit import local_core`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import signal
+import threading
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -228,8 +231,9 @@ class Stream:
             self.finish_reason = choice["finish_reason"]
 
 
-def completion_request(model: str, prompt: str, max_tokens: int) -> dict:
-    """A greedy streamed /v1/completions body that asks for the usage chunk."""
+def completion_request(model: str, prompt: str, max_tokens: int, **sampling: object) -> dict:
+    """A streamed /v1/completions body that asks for the usage chunk; greedy unless `sampling` says
+    otherwise (e.g. temperature=0.8, seed=7)."""
     return {
         "model": model,
         "prompt": prompt,
@@ -237,13 +241,17 @@ def completion_request(model: str, prompt: str, max_tokens: int) -> dict:
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **sampling,
     }
 
 
-def stream_completion(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> Stream:
+def stream_completion(
+    http: httpx.Client, model: str, prompt: str, max_tokens: int, **sampling: object
+) -> Stream:
     out = Stream(prompt, started=time.monotonic())
+    body = completion_request(model, prompt, max_tokens, **sampling)
     try:
-        with http.stream("POST", "/v1/completions", json=completion_request(model, prompt, max_tokens)) as r:
+        with http.stream("POST", "/v1/completions", json=body) as r:
             out.start(r)
             if r.status_code != 200:
                 out.refused(r.read())
@@ -253,6 +261,67 @@ def stream_completion(http: httpx.Client, model: str, prompt: str, max_tokens: i
     except httpx.HTTPError as err:
         out.errors.append(f"{type(err).__name__}: {err}")
     return out
+
+
+STREAM_TIMEOUT = httpx.Timeout(300.0, connect=30.0)  # a stream may pause while a group is rebuilt
+
+
+class Progress:
+    """Completed requests, for a fault schedule that acts at points of a run."""
+
+    def __init__(self) -> None:
+        self._done = 0
+        self._cond = threading.Condition()
+
+    def completed(self) -> None:
+        with self._cond:
+            self._done += 1
+            self._cond.notify_all()
+
+    def wait(self, count: int, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done >= count, timeout):
+                raise TimeoutError(f"only {self._done} of {count} requests completed in {timeout} s")
+
+
+def run_streams(
+    url: str,
+    model: str,
+    requests: list[tuple[str, dict]],
+    concurrency: int,
+    max_tokens: int,
+    progress: Progress | None = None,
+    timeout: httpx.Timeout = STREAM_TIMEOUT,
+) -> list[Stream]:
+    """(prompt, sampling) streamed completions, `concurrency` at a time; results in request order."""
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    with httpx.Client(base_url=url, timeout=timeout, limits=limits) as http:
+
+        def one(request: tuple[str, dict]) -> Stream:
+            prompt, sampling = request
+            result = stream_completion(http, model, prompt, max_tokens, **sampling)
+            if progress:
+                progress.completed()
+            return result
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, requests))
+
+
+def stall_after(streams: list[Stream], at: float, window: float = 120.0) -> tuple[float, float]:
+    """Client-visible pause after a fault at `at`: (longest wait from `at` to a stream's next token,
+    longest wait between two tokens of a stream, or its start and first token, ending within `window`).
+    """
+    waits, gaps = [0.0], [0.0]
+    for s in streams:
+        times = [s.started, *s.times]
+        for earlier, later in itertools.pairwise(times):
+            if at < later <= at + window:
+                gaps.append(later - max(earlier, at))
+        after = [t for t in s.times if t > at]
+        if s.started <= at and after:
+            waits.append(after[0] - at)
+    return max(waits), max(gaps)
 
 
 async def astream_completion(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Stream:

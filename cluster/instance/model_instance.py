@@ -27,6 +27,7 @@ from cluster.metrics.common import model_instance_id
 from cluster.metrics.engine import EngineMetrics
 from cluster.options.engine import EngineConfig
 from cluster.transport.group import new_rendezvous, open_transport
+from cluster.transport.per_peer import carrier
 from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from router.config import ModelConfig
@@ -36,6 +37,8 @@ from router.kv_cache import KVCache
 from router.scheduler import SchedulerConfig
 from router.transport import ROUTER_RANK, Transport
 from router.weights import load_router_model
+
+MAX_REPLACEMENTS = 3  # tries to re-form the group when a replacement expert dies as it starts
 
 
 class ModelInstance:
@@ -132,10 +135,24 @@ class ModelInstance:
 
         Expert actors whose loop ended with a transport error are reused; dead ones, and ones still
         stuck in the old group after a grace period, are replaced in their own bundle and reload their
-        experts. The caller re-runs the interrupted step.
+        experts. When a whole node is lost, a replacement may first be sent to that node before Ray
+        declares it dead and moves its bundle; that replacement dies, and is replaced again. The caller
+        re-runs the interrupted step.
         """
         self.core.experts.release()
         self.transport.close()
+        for attempt in range(1, MAX_REPLACEMENTS + 1):
+            self._replace_lost_experts()
+            try:
+                self.transport, self._serving = self._form_group()
+                break
+            except ray.exceptions.RayActorError:
+                if attempt == MAX_REPLACEMENTS:
+                    raise
+        self.core.experts.reconnect(self.transport)
+        self.generation += 1
+
+    def _replace_lost_experts(self) -> None:
         grace = min(10.0, self.config.collective_timeout_s)
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=grace)
         for shard, ref in enumerate(self._serving):
@@ -144,9 +161,6 @@ class ModelInstance:
             ray.kill(self.experts[shard])
             self.experts[shard] = self._spawn_expert(shard)
             self.expert_restarts += 1
-        self.transport, self._serving = self._form_group()
-        self.core.experts.reconnect(self.transport)
-        self.generation += 1
 
     @staticmethod
     def _ended_alive(ref: ray.ObjectRef) -> bool:
@@ -185,6 +199,11 @@ class ModelInstance:
             "vocab_size": self.model_config.vocab_size,
             "sequences": len(self.core.sequences),
             "experts": ray.get([e.info.remote() for e in self.experts]),
+            # rank -> the transport class between the router and that expert rank (shm, gloo, nccl)
+            "transports": {
+                rank: type(carrier(self.transport, rank)).__name__
+                for rank in range(1, self.config.expert_shards + 1)
+            },
         }
 
     def shutdown(self) -> None:

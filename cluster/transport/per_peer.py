@@ -17,20 +17,25 @@ class PerPeerTransport:
         self._routes = routes
         self._transports = list({id(t): t for t, _ in routes.values()}.values())
 
-    def _route(self, peer: int) -> tuple[Transport, int]:
+    def route(self, peer: int) -> tuple[Transport, int]:
         route = self._routes.get(peer)
         if route is None:
             raise TransportError(f"rank {self.rank} has no transport to rank {peer}")
         return route
 
     def send(self, dst: int, head: list[int], payload: torch.Tensor | None = None) -> None:
-        transport, local = self._route(dst)
+        transport, local = self.route(dst)
         transport.send(local, head, payload)
 
     def recv(self, src: int, width: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
-        transport, local = self._route(src)
+        transport, local = self.route(src)
         return transport.recv(local, width, dtype)
 
     def close(self) -> None:
         for transport in self._transports:
             transport.close()
+
+
+def carrier(transport: Transport, peer: int) -> Transport:
+    """The transport that carries messages between this rank and `peer`."""
+    return transport.route(peer)[0] if isinstance(transport, PerPeerTransport) else transport
