@@ -23,8 +23,9 @@ import torch
 from cluster.cli.main import _serve_options, build_parser
 from cluster.options.flags import engine_flags
 from cluster.serve.app import engine_deployment_options, serve_config
-from tests.conftest import free_port, hf_reference
+from tests.conftest import free_port, hf_greedy, hf_reference
 from tests.ray_nodes import RayNodes
+from tests.test_batch import read_output
 from tests.test_parity import NEW_TOKENS, PROMPTS
 from tests.toolkit import (
     Progress,
@@ -155,6 +156,52 @@ def test_engine_matches_transformers_with_experts_on_different_nodes(nodes, chec
         "placement",
         {s: sorted(workers[n] for n in r["placement"]["bundle_nodes"]) for s, r in runs.items()},
     )
+
+
+# ------------------------------------------------------------------------------- a batch job across nodes
+
+
+def test_batch_job_with_experts_on_three_nodes_and_a_cpu_less_head(nodes, demo_model, tmp_path):
+    """`moe-cluster batch` as a driver on the head, which has no CPUs (as the Helm chart's head), with
+    STRICT_SPREAD: router and expert actors can only be placed on three different worker nodes."""
+    from transformers import AfmoeForCausalLM
+
+    prompts = [[5 + (11 * n + k) % 600 for k in range(4 + n % 7)] for n in range(12)]
+    lines = [
+        json.dumps({"id": f"r{n}", "prompt": p, "max_tokens": 8, "temperature": 0})
+        for n, p in enumerate(prompts)
+    ]
+    lines.insert(5, "{not json")
+    source, out = tmp_path / "in.jsonl", tmp_path / "out"
+    source.write_text("\n".join(lines) + "\n")
+    command = [
+        sys.executable,
+        "-m",
+        "cluster.cli.main",
+        "batch",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+    ]
+    command += ["--model", str(demo_model), "--placement-strategy", "STRICT_SPREAD", "--max-model-len", "128"]
+    command += ["--expert-shards", "2", "--router-cpus", "0.5", "--expert-cpus", "0.5"]
+    run = subprocess.run(
+        command,
+        env=nodes.env | {"PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = read_output(out)
+    assert sorted(r["row_id"] for r in rows) == sorted(f"in.jsonl:{n}" for n in range(1, 14))
+    [bad] = [r for r in rows if r["error"]]
+    assert bad["row_id"] == "in.jsonl:6" and "not JSON" in bad["error"]
+    model = AfmoeForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    by_id = {r["id"]: r["token_ids"] for r in rows if not r["error"]}
+    assert by_id == {f"r{n}": hf_greedy(model, p, 8) for n, p in enumerate(prompts)}
 
 
 # ------------------------------------------------------------------------------------ node lost (Serve)

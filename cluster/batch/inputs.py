@@ -72,11 +72,14 @@ def pending_rows(files: dict[str, Path], done: dict[str, set[int]]) -> int:
 
 
 def read_input(files: dict[str, Path], done: dict[str, set[int]]) -> ray.data.Dataset:
-    """The rows of `files` not yet in `done` (rows by source), read on this node."""
+    """The rows of `files` not yet in `done` (rows by source), read on this node.
+
+    The reads ask for no CPU: this node may have none (a KubeRay head with num-cpus 0 runs the driver).
+    """
     items = [
         {"source": s, "path": str(p.resolve()), "skip": sorted(done.get(s, ()))} for s, p in files.items()
     ]
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-        _read, num_cpus=0.25, ray_remote_args_fn=lambda: {"scheduling_strategy": here}
+        _read, num_cpus=0, ray_remote_args_fn=lambda: {"scheduling_strategy": here}
     )

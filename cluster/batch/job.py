@@ -59,7 +59,10 @@ def run_batch(options: BatchOptions) -> Summary:
             per_instance = config.router_cpus + config.expert_shards * config.expert_cpus
             started_ray = ensure_ray(options.replicas * per_instance + 1)
             try:
-                _pipeline(options, config, files, before.rows).write_datasink(out.sink())
+                # Part files are written on this (the driver's) node, which may have no CPUs: a KubeRay
+                # head started with num-cpus 0 runs the job's driver. The writes ask for none.
+                pipeline = _pipeline(options, config, files, before.rows)
+                pipeline.write_datasink(out.sink(), ray_remote_args={"num_cpus": 0})
             finally:
                 if started_ray:
                     ray.shutdown()
