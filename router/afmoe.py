@@ -15,9 +15,9 @@ from router.layers import (
     MLP,
     MoEBlock,
     MoEGate,
-    PagedAttention,
     RMSNorm,
     Rope,
+    RotaryAttention,
     RouterModel,
     apply_rope,
     feed_forward,
@@ -28,27 +28,19 @@ ARCHITECTURE = "AfmoeForCausalLM"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-class Attention(PagedAttention):
+class Attention(RotaryAttention):
+    """q/k RMSNorm, rope on sliding-window layers only, and a sigmoid gate on the attention output."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
-        super().__init__(config, layer)
-        hidden, dim = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, self.heads * dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * dim, hidden, bias=False)
-        self.gate_proj = nn.Linear(hidden, self.heads * dim, bias=False)
-        self.q_norm = RMSNorm(dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(dim, config.rms_norm_eps)
+        super().__init__(config, layer, qk_norm=True)
+        self.gate_proj = nn.Linear(config.hidden_size, self.heads * config.head_dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(tokens, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(tokens, self.kv_heads, self.head_dim))
-        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         if self.sliding:  # global layers carry no positional encoding
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = self.attend(q, k, v, cache, batch)
-        out = out.reshape(tokens, -1) * torch.sigmoid(self.gate_proj(x))
+        out = out.reshape(x.shape[0], -1) * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(out)
 
 

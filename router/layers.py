@@ -125,15 +125,20 @@ class RotaryAttention(PagedAttention):
             self.k_norm = RMSNorm(dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, dim], k and v [T, kv_heads, dim], q and k normed when the model norms them."""
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
+        q, k, v = self.project(x)
         out = self.attend(apply_rope(q, rope), apply_rope(k, rope), v, cache, batch)
-        return self.o_proj(out.reshape(tokens, -1))
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class MoEGate(nn.Module):

@@ -5,10 +5,7 @@ core runs in this process (tests/toolkit.py local_core)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from experts.shard import ExpertShard
 from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
 from router.tokenizer import Tokenizer
 from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy
-from tests.toolkit import REPO, local_core
+from tests.toolkit import checkout_cli, local_core
 
 PROMPT = [5, 17, 9, 22, 41, 7, 8, 100, 2, 60, 33, 11, 250, 7, 19]
 
@@ -151,15 +148,7 @@ def test_mixtral_shard_reads_only_its_experts(family_checkpoints, tmp_path) -> N
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_demo_model_arch_writes_a_servable_checkpoint_with_a_tokenizer(tmp_path, family) -> None:
     target = tmp_path / family
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
-        [sys.executable, "-m", "cluster.cli.main", "demo-model", str(target), "--arch", family],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    run = checkout_cli("demo-model", str(target), "--arch", family)
     assert run.returncode == 0, run.stderr
     config = ModelConfig.from_model_dir(target)
     assert config.architecture == FAMILIES[family].architecture
@@ -168,15 +157,7 @@ def test_demo_model_arch_writes_a_servable_checkpoint_with_a_tokenizer(tmp_path,
 
 
 def test_demo_model_refuses_an_unknown_arch(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
-        [sys.executable, "-m", "cluster.cli.main", "demo-model", str(tmp_path / "m"), "--arch", "llama"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    run = checkout_cli("demo-model", str(tmp_path / "m"), "--arch", "llama")
     assert run.returncode == 2
     assert "unknown --arch 'llama'" in run.stderr and "qwen3_moe" in run.stderr
     assert not (tmp_path / "m").exists()

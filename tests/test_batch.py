@@ -33,6 +33,7 @@ from cluster.engine import Engine
 from router.sampling import SamplingParams
 from router.tokenizer import Tokenizer
 from tests.conftest import free_port
+from tests.ray_nodes import pids_naming
 from tests.toolkit import wait_for
 
 CLI = Path(sys.executable).with_name("moe-cluster")
@@ -326,17 +327,6 @@ def stop_processes(pgid: int, marker: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 (os.killpg if pid == pgid else os.kill)(pid, sig)
         wait_for(lambda: not pids_naming(marker), 5, interval=0.5)
-
-
-def pids_naming(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_ray_job_submit_with_token_auth(ray_head, fault_free, batch_input, demo_model, tmp_path):

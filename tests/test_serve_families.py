@@ -5,9 +5,6 @@ through `batch`; greedy tokens equal transformers' own."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from router.config import ModelConfig
 from router.tokenizer import Tokenizer
 from tests.conftest import hf_greedy, served_app, served_model, small_app
 from tests.test_batch import read_output
-from tests.toolkit import REPO
+from tests.toolkit import checkout_cli
 
 PROMPTS = ["The experts", "def read_config(path):"]
 NEW_TOKENS = 16
@@ -40,16 +37,8 @@ def reference(qwen3_model) -> Qwen3MoeForCausalLM:
 
 def _cli(*args: str) -> str:
     """`moe-cluster ARGS` in a fresh interpreter joined to the session's cluster; its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    env["RAY_AUTH_MODE"] = "token"
-    run = subprocess.run(
-        [sys.executable, "-m", "cluster.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    address = ray.get_runtime_context().gcs_address
+    run = checkout_cli(*args, env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
     assert run.returncode == 0, run.stderr
     return run.stdout
 

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -372,6 +374,19 @@ def error_object(body: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- Ray's actors, results
+
+
+def checkout_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`moe-cluster ARGS` from this checkout in a fresh interpreter (env: extra variables)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        cwd=REPO,
+        check=False,
+    )
 
 
 def send_json(handler: BaseHTTPRequestHandler, status: int, body: object) -> None:
