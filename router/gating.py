@@ -1,8 +1,9 @@
 """Top-k expert selection.
 
 Each gating function maps fp32 router logits [T, E] to (expert ids [T, k] int64, weights [T, k] fp32).
-AFMoE's sigmoid, and softmax top-k with (Mixtral, Qwen3-MoE with norm_topk_prob) or without
-(Qwen3-MoE otherwise) renormalisation; an adapter names its entry in ModelConfig.gating.
+AFMoE's sigmoid, softmax top-k with (Mixtral, Qwen3-MoE with norm_topk_prob) or without
+(Qwen3-MoE otherwise) renormalisation, and GPT-OSS's top-k then softmax over the selected logits; an
+adapter names its entry in ModelConfig.gating.
 """
 
 from __future__ import annotations
@@ -44,8 +45,19 @@ def softmax_topk_unnormalised(
     return ids, weights * route_scale
 
 
+def topk_softmax(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS: top-k of the logits (plus `bias`, where the gate did not add it), softmax over those k."""
+    if bias is not None:
+        logits = logits + bias
+    values, ids = torch.topk(logits.float(), k=k, dim=-1)
+    return ids, torch.softmax(values, dim=-1) * route_scale
+
+
 GATING: dict[str, GatingFn] = {
     "afmoe_sigmoid": afmoe_sigmoid_topk,
     "softmax": softmax_topk,
     "softmax_unnormalised": softmax_topk_unnormalised,
+    "topk_softmax": topk_softmax,
 }

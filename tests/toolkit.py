@@ -37,7 +37,7 @@ from router.exchange import LocalExperts
 from router.kv_cache import KVCache
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
-from router.weights import load_router_model
+from router.weights import expert_kind, load_router_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,10 @@ def local_core(
     cpu = torch.device("cpu")
     placement = ExpertPlacement(config.num_experts, shards)
     experts = LocalExperts(
-        [ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)],
+        [
+            ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype, expert_kind(config))
+            for s in range(shards)
+        ],
         placement,
     )
     cache_bytes = default_cache_bytes(config, max_num_seqs, max_model_len, 16, dtype)
