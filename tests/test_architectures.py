@@ -4,6 +4,7 @@ core runs in this process (tests/toolkit.py local_core)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,14 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, GptOssConfig, Qwen3MoeForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from cluster.demo import FAMILIES, write_checkpoint
 from experts.checkpoint import CheckpointReader
 from experts.shard import ExpertShard
 from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from router.layers import rope_frequencies
+from router.rope import RopeScaling
 from router.tokenizer import Tokenizer
+from router.weights import expert_kind
 from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy
 from tests.toolkit import checkout_cli, local_core
 
@@ -167,3 +172,76 @@ def test_demo_model_refuses_an_unknown_arch(tmp_path) -> None:
     assert run.returncode == 2
     assert "unknown --arch 'llama'" in run.stderr and "qwen3_moe" in run.stderr
     assert not (tmp_path / "m").exists()
+
+
+GPT_OSS = "gpt-oss-gqa-window4-yarn-top3"
+
+
+def test_gpt_oss_experts_load_from_the_interleaved_layout_and_compute_as_transformers(
+    family_checkpoints,
+) -> None:
+    """save_pretrained writes GPT-OSS's experts fused only ([E, H, 2I], gate and up in alternating
+    columns, with biases): a shard of some of them computes what transformers' experts module does."""
+    written = family_checkpoints[GPT_OSS]
+    reader = CheckpointReader(written)
+    names = reader.names()
+    assert not any(re.search(r"\.experts\.\d+\.", n) for n in names)
+    config = ModelConfig.from_model_dir(written)
+    prefix = "model.layers.1.mlp.experts"
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    assert reader.shape(f"{prefix}.gate_up_proj") == (config.num_experts, hidden, 2 * inter)
+    owned = [1, 4, 6]
+    shard = ExpertShard.load(reader, config.moe_layers, owned, torch.float32, expert_kind(config))
+    reference = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    experts = reference.model.layers[1].mlp.experts
+    assert experts.gate_up_proj_bias.abs().min() > 0 and experts.limit == 0.5
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, hidden, generator=gen) * 4  # large enough to reach the clamp
+    local = torch.stack([torch.randperm(len(owned), generator=gen)[:2] for _ in range(12)])
+    weights = torch.rand(12, 2, generator=gen)
+    with torch.no_grad():
+        expected = experts(rows, torch.tensor(owned)[local], weights)
+    assert torch.allclose(shard.forward(1, rows, local, weights), expected, atol=1e-5)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        YARN | {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+        YARN | {"beta_fast": 8.0, "beta_slow": 2.0},  # truncated correction range (the default)
+        YARN | {"mscale": 1.0, "mscale_all_dim": 0.5},
+        YARN | {"attention_factor": 0.8, "rope_theta": 150000.0},
+    ],
+)
+def test_yarn_frequencies_and_scale_are_transformers_own(family_checkpoints, rope) -> None:
+    raw = _raw(family_checkpoints[GPT_OSS]) | {"head_dim": 32, "rope_parameters": rope}
+    expected_freq, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](GptOssConfig.from_dict(raw))
+    config = ModelConfig.from_dict(raw)
+    freq, scale = rope_frequencies(config)
+    assert torch.equal(freq, expected_freq) and scale == pytest.approx(expected_scale, rel=1e-12)
+    default = rope_frequencies(dataclasses.replace(config, rope=RopeScaling()))
+    assert scale != 1.0 and not torch.equal(freq, default[0])
+
+
+def test_gpt_oss_legacy_rope_scaling_is_read_as_yarn(family_checkpoints) -> None:
+    """Published gpt-oss configs carry YaRN as `rope_scaling` beside a top-level rope_theta."""
+    raw = _raw(family_checkpoints[GPT_OSS])
+    legacy = raw | {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": raw["rope_parameters"]}
+    assert ModelConfig.from_dict(legacy) == ModelConfig.from_dict(raw)
+    assert ModelConfig.from_dict(raw).rope.rope_type == "yarn"
+
+
+def test_mixtral_with_yarn_rope_equals_transformers(tmp_path) -> None:
+    """The other families take YaRN through the same rope code."""
+    torch.set_num_threads(1)
+    _, cfg = FAMILY_PARITY_CONFIGS["mixtral-gqa-window4-top2"]
+    yarn = {"max_position_embeddings": 64, "rope_parameters": YARN}
+    written = write_checkpoint(tmp_path / "m", cfg | yarn, seed=3, family="mixtral")
+    assert ModelConfig.from_model_dir(written).rope.rope_type == "yarn"
+    reference = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    core = local_core(written, shards=2, max_num_batched_tokens=8)
+    [seq] = core.generate([PROMPT], [_greedy(12)])
+    assert seq.output_ids == hf_greedy(reference, PROMPT, 12)
