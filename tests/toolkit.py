@@ -132,6 +132,24 @@ class StubCore:
         return []
 
 
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def scrape(metrics_port: int, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric `name` (as Ray exports it, `ray_` prefixed, a counter
+    with its `_total`) that the Ray node's metrics export port serves with these `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in (f"ray_{name}", f"ray_{name}_total")
+        and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
 # -------------------------------------------------------------------------------------------- waiting
 
 
