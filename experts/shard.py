@@ -1,4 +1,4 @@
-"""One shard's routed experts: loading them from a checkpoint and their SwiGLU compute."""
+"""One shard's routed experts: loading them from a checkpoint, and their (clamped) SwiGLU compute."""
 
 from collections.abc import Callable
 
@@ -13,7 +13,7 @@ PLAIN = ExpertKind()
 
 
 class ExpertShard:
-    """The routed experts one shard owns, for every MoE layer, and their SwiGLU compute."""
+    """The routed experts one shard owns, for every MoE layer, and their compute (experts/kind.py)."""
 
     def __init__(
         self,
