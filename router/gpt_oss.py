@@ -14,7 +14,16 @@ from router.layers import MoEBlock, MoEGate, PreNormDecoderLayer, RotaryAttentio
 
 ARCHITECTURE = "GptOssForCausalLM"
 LAYER_TYPES = ("sliding_attention", "full_attention")
-DEFAULT_THETA = 150000.0  # GptOssConfig's, where a config names none
+DEFAULT_THETA = 150000.0  # GptOssConfig's defaults, where a config names none
+DEFAULT_WINDOW = 128
+DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 
 
 class BiasedGate(MoEGate):
@@ -47,6 +56,8 @@ class Model(RouterModel):
 
 
 def parse_config(raw: RawConfig) -> ModelConfig:
+    if not raw.get("rope_parameters") and not raw.get("rope_scaling"):
+        raw = RawConfig(raw.raw | {"rope_parameters": DEFAULT_ROPE}, raw.source)
     layers = int(raw.need("num_hidden_layers"))
     layer_types = raw.get("layer_types")
     if layer_types is None:  # the reference's default: sliding first, then every other layer
@@ -62,6 +73,7 @@ def parse_config(raw: RawConfig) -> ModelConfig:
         num_experts=int(raw.need("num_local_experts")),
         moe_layer_ids=tuple(range(layers)),
         layer_types=tuple(layer_types),
+        sliding_window=int(raw.raw.get("sliding_window", DEFAULT_WINDOW) or 0),
         gating="topk_softmax",
         attention_bias=bool(raw.raw.get("attention_bias", True)),
         attention_sinks=True,

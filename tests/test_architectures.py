@@ -20,6 +20,7 @@ from cluster.demo import FAMILIES, write_checkpoint
 from experts.checkpoint import CheckpointReader
 from experts.shard import ExpertShard
 from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from router.gpt_oss import DEFAULT_THETA
 from router.layers import rope_frequencies
 from router.rope import RopeScaling
 from router.tokenizer import Tokenizer
@@ -232,6 +233,12 @@ def test_gpt_oss_legacy_rope_scaling_is_read_as_yarn(family_checkpoints) -> None
     legacy = raw | {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": raw["rope_parameters"]}
     assert ModelConfig.from_dict(legacy) == ModelConfig.from_dict(raw)
     assert ModelConfig.from_dict(raw).rope.rope_type == "yarn"
+    unset = {k: v for k, v in raw.items() if k != "rope_parameters"}  # GptOssConfig's default YaRN
+    expected = ROPE_INIT_FUNCTIONS["yarn"](GptOssConfig.from_dict(unset))
+    config = ModelConfig.from_dict(unset)
+    freq, scale = rope_frequencies(config)
+    assert config.rope_theta == DEFAULT_THETA and config.rope.factor == 32.0
+    assert torch.equal(freq, expected[0]) and scale == pytest.approx(expected[1], rel=1e-12)
 
 
 def test_mixtral_with_yarn_rope_equals_transformers(tmp_path) -> None:
