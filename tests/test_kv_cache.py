@@ -113,7 +113,8 @@ def test_budget_gives_the_sliding_pool_its_share_and_the_rest_to_full_blocks() -
     assert cache.nbytes <= budget
     assert cache.nbytes == sliding_bytes + 10 * BLOCK_BYTES
     rows = sliding_blocks * 4
-    assert [tuple(k.shape) for k in cache.k] == [(rows, KV_HEADS, HEAD_DIM)] * 3 + [(40, KV_HEADS, HEAD_DIM)]
+    shapes = [[tuple(t.shape) for t in kv] for kv in cache.entries]
+    assert shapes == [[(rows, KV_HEADS, HEAD_DIM)] * 2] * 3 + [[(40, KV_HEADS, HEAD_DIM)] * 2]
     assert cache.group_of == [SLIDING, SLIDING, SLIDING, FULL]
 
 
@@ -213,7 +214,8 @@ class FakeKeys:
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
         self.store = {
-            g: torch.full((cache.k[cache.group_of.index(g)].shape[0],), -1) for g in set(cache.group_of)
+            g: torch.full((cache.entries[cache.group_of.index(g)][0].shape[0],), -1)
+            for g in set(cache.group_of)
         }
 
     def step(self, starts: list[int], lengths: list[int], blocks: list[SequenceBlocks]):

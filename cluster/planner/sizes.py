@@ -97,14 +97,16 @@ def expert_bytes_all_layers(cfg: ModelConfig, p: Params, dtype: str) -> int:
 
 
 def kv_bytes_per_sequence(cfg: ModelConfig, max_model_len: int, block_size: int) -> int:
-    return cfg.kv_slots_per_sequence(max_model_len, block_size) * cfg.kv_bytes_per_token_layer(KV_BYTES)
+    return cfg.kv_bytes_per_sequence(max_model_len, block_size, KV_BYTES)
 
 
 def kv_bytes_read(cfg: ModelConfig, context: int) -> int:
     """KV bytes one decode step reads for one sequence holding `context` tokens."""
-    sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
-    tokens = (cfg.num_hidden_layers - sliding) * context + sliding * min(context, cfg.sliding_window)
-    return tokens * cfg.kv_bytes_per_token_layer(KV_BYTES)
+    return sum(
+        (min(context, cfg.sliding_window) if cfg.is_sliding(i) else context)
+        * cfg.kv_bytes_per_token_layer(KV_BYTES, i)
+        for i in range(cfg.num_hidden_layers)
+    )
 
 
 def shard_sizes(num_experts: int, shards: int) -> list[int]:
