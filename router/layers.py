@@ -96,7 +96,7 @@ class PagedAttention(nn.Module):
                 return padded.view(part.batch, part.max_query, *t.shape[1:])
 
             keys = torch.cat([k_cache[index.cached_slots], grid(k)], 1).transpose(1, 2)
-            values = torch.cat([v_cache[index.cached_slots], grid(v)], 1).transpose(1, 2)
+            values = keys if v is k else torch.cat([v_cache[index.cached_slots], grid(v)], 1).transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 grid(q).transpose(1, 2),
                 keys,
