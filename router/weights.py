@@ -8,7 +8,8 @@ from experts.checkpoint import CheckpointError, CheckpointReader
 from router.config import ModelConfig, adapter
 from router.layers import RouterModel
 
-FP32_PARAMS = ("norm.weight", ".gate.weight", "expert_bias")  # the gates read fp32 states
+# the gates read fp32 states
+FP32_PARAMS = ("norm.weight", ".gate.weight", "expert_bias", "e_score_correction_bias")
 
 
 def load_router_model(
