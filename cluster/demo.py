@@ -3,6 +3,7 @@ itself (demo-model --arch, the tests)."""
 
 import copy
 import errno
+import itertools
 import os
 import shutil
 import tempfile
@@ -57,7 +58,7 @@ class Family:
     defaults: dict  # a small config of the family (the demo tokenizer's ids are added)
     gate_suffix: str  # the router's gate weight (transformers initialises it to zeros)
     gate_std_scale: float
-    bias_suffix: str | None = None  # a selection bias, also zeroed by transformers
+    bias_suffix: str | None = None  # a selection bias (a parameter or a buffer), also zeroed by transformers
     # (suffix, std): other parameters drawn from N(0, std), as transformers zeroes or barely sets them
     extra_normal: tuple[tuple[str, float], ...] = ()
 
@@ -133,6 +134,30 @@ FAMILIES: dict[str, Family] = {
         "mlp.gate.weight",
         2.0,
     ),
+    "deepseek_v3": Family(
+        "DeepseekV3ForCausalLM",
+        {k: v for k, v in _SMALL_LLAMA_LIKE.items() if k != "head_dim"}  # transformers derives it
+        | {
+            "num_key_value_heads": 4,
+            "intermediate_size": 256,
+            "moe_intermediate_size": 64,
+            "first_k_dense_replace": 1,
+            "n_routed_experts": 10,
+            "n_group": 2,
+            "topk_group": 1,
+            "num_experts_per_tok": 3,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "q_lora_rank": 64,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+        },
+        "mlp.gate.weight",
+        1.0,
+        "mlp.gate.e_score_correction_bias",
+    ),
 }
 
 # The trained demo model (scripts/train_demo_model.py), shipped as package data.
@@ -169,7 +194,7 @@ def _sharpen_decisions(model: transformers.PreTrainedModel, family: Family, hidd
     and give the family's other near-zero parameters (biases, sinks) values that matter."""
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, LM_HEAD_STD_SCALE / hidden_size**0.5)
-        for name, param in model.named_parameters():
+        for name, param in itertools.chain(model.named_parameters(), model.named_buffers()):
             if name.endswith(family.gate_suffix):
                 param.normal_(0.0, family.gate_std_scale / hidden_size**0.5)
             elif family.bias_suffix and name.endswith(family.bias_suffix):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from router.rope import RopeError, RopeScaling, parse_rope
 
 ADAPTERS = {
     "AfmoeForCausalLM": "router.afmoe",
+    "DeepseekV3ForCausalLM": "router.deepseek_v3",
     "GptOssForCausalLM": "router.gpt_oss",
     "MixtralForCausalLM": "router.mixtral",
     "Qwen3MoeForCausalLM": "router.qwen3_moe",
@@ -63,6 +65,15 @@ class ModelConfig:
     num_shared_experts: int = 0
     route_scale: float = 1.0
     mup_enabled: bool = False
+    # DeepSeek-V3's multi-head latent attention (kv_lora_rank 0: attention with K and V per head)
+    q_lora_rank: int = 0  # 0: q_proj, no low-rank query
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    n_group: int = 1  # group-limited routing: experts in n_group groups, tokens pick topk_group of them
+    topk_group: int = 1
     rope: RopeScaling = DEFAULT_ROPE
     attention_bias: bool = False  # q/k/v/o projections with biases (GPT-OSS)
     attention_sinks: bool = False  # a learned per-head logit in every softmax (GPT-OSS)
@@ -81,17 +92,26 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
 
-    def kv_bytes_per_token_layer(self, itemsize: int) -> int:
-        """K and V of one token in one layer."""
-        return 2 * self.num_key_value_heads * self.head_dim * itemsize
+    def kv_entry_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
+        """What one token stores in `layer`'s cache, one (heads, dim) per tensor: K and V, or for latent
+        attention a single "head" of the normed latent and the rotated shared key part."""
+        if self.kv_lora_rank:
+            return ((1, self.kv_lora_rank + self.qk_rope_head_dim),)
+        return ((self.num_key_value_heads, self.head_dim),) * 2
 
-    def kv_slots_per_sequence(self, max_model_len: int, block_size: int) -> int:
-        """(token, layer) KV slots one sequence reserves in the paged cache: full layers hold
-        max_model_len tokens, sliding layers a ring of window-1, both in whole blocks."""
-        sliding = sum(self.is_sliding(i) for i in range(self.num_hidden_layers))
+    def kv_bytes_per_token_layer(self, itemsize: int, layer: int = 0) -> int:
+        """The cache entry of one token in one layer."""
+        return itemsize * sum(math.prod(shape) for shape in self.kv_entry_shapes(layer))
+
+    def kv_bytes_per_sequence(self, max_model_len: int, block_size: int, itemsize: int) -> int:
+        """KV bytes one sequence reserves in the paged cache: full layers hold max_model_len tokens,
+        sliding layers a ring of window-1, both in whole blocks, each layer at its own entry size."""
         full_tokens = -(-max_model_len // block_size) * block_size
         ring_tokens = -(-max(self.sliding_window - 1, 1) // block_size) * block_size
-        return (self.num_hidden_layers - sliding) * full_tokens + sliding * ring_tokens
+        return sum(
+            (ring_tokens if self.is_sliding(i) else full_tokens) * self.kv_bytes_per_token_layer(itemsize, i)
+            for i in range(self.num_hidden_layers)
+        )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:

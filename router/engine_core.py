@@ -273,10 +273,12 @@ def default_cache_bytes(
     together, not for max_num_seqs of the longest possible; when longer ones fill it, the newest is
     preempted. The sliding pool is what max_num_seqs sequences need at once.
     """
-    per_block_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
-    sliding_layers = sum(config.is_sliding(i) for i in range(config.num_hidden_layers))
-    full_layers = config.num_hidden_layers - sliding_layers
     typical = min(max_model_len, TYPICAL_SEQUENCE_TOKENS)
     full_blocks = max(max_num_seqs * math.ceil(typical / block_size), math.ceil(max_model_len / block_size))
     sliding_blocks = sliding_pool_blocks(config, max_num_seqs, block_size, max_num_batched_tokens)
-    return (full_layers * full_blocks + sliding_layers * sliding_blocks) * per_block_layer
+    return sum(
+        (sliding_blocks if config.is_sliding(i) else full_blocks)
+        * block_size
+        * config.kv_bytes_per_token_layer(dtype.itemsize, i)
+        for i in range(config.num_hidden_layers)
+    )

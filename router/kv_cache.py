@@ -1,5 +1,8 @@
 """Paged K/V storage, blocks taken as tokens are computed, and the index tensors attention reads through.
 
+Each layer stores what ModelConfig.kv_entry_shapes names per token: K and V, or with latent attention
+(DeepSeek-V3) one tensor of the latent and the shared rotated key.
+
 Two layer groups share one block size, each with its own block pool. Full-attention layers keep every
 position of a sequence. Sliding-window layers use the same position -> block table, but a block whose
 positions no later query can see (all of them before num_computed - (window - 1)) is handed back to
@@ -75,32 +78,39 @@ class KVCache:
         self.config = config
         self.block_size = block_size
         self.window = config.sliding_window
-        sliding = [i for i in range(config.num_hidden_layers) if config.is_sliding(i)]
-        full = [i for i in range(config.num_hidden_layers) if not config.is_sliding(i)]
+        layers = config.num_hidden_layers
+        sliding = [i for i in range(layers) if config.is_sliding(i)]
+        full = [i for i in range(layers) if not config.is_sliding(i)]
         self.window_blocks = math.ceil(max(self.window - 1, 1) / block_size) if sliding else 0
-        per_layer_block = 2 * block_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        block_bytes = [block_size * config.kv_bytes_per_token_layer(dtype.itemsize, i) for i in range(layers)]
         num_sliding = sliding_pool_blocks(config, max_num_seqs, block_size, max_num_batched_tokens)
-        sliding_bytes = num_sliding * per_layer_block * len(sliding)
+        sliding_bytes = num_sliding * sum(block_bytes[i] for i in sliding)
         num_full = 0
         if full:
-            num_full = (cache_bytes - sliding_bytes) // (per_layer_block * len(full))
+            full_block = sum(block_bytes[i] for i in full)
+            num_full = (cache_bytes - sliding_bytes) // full_block
             if num_full < 1:
                 raise ValueError(
                     f"KV cache budget {cache_bytes} B is too small: sliding windows of {max_num_seqs} "
                     f"sequences take {sliding_bytes} B and one full-attention block needs "
-                    f"{per_layer_block * len(full)} B more"
+                    f"{full_block} B more"
                 )
         self.full = BlockPool(num_full)
         self.sliding = BlockPool(num_sliding)
         self.has_full, self.has_sliding = bool(full), bool(sliding)
         self.root = model_root(repr(config))
         shape_of = {FULL: num_full * block_size, SLIDING: num_sliding * block_size}
-        kv_shape = (config.num_key_value_heads, config.head_dim)
-        self.group_of = [SLIDING if config.is_sliding(i) else FULL for i in range(config.num_hidden_layers)]
-        self.k = [torch.zeros(shape_of[g], *kv_shape, dtype=dtype, device=device) for g in self.group_of]
-        self.v = [torch.zeros(shape_of[g], *kv_shape, dtype=dtype, device=device) for g in self.group_of]
+        self.group_of = [SLIDING if config.is_sliding(i) else FULL for i in range(layers)]
+        # per layer, one [slots, heads, dim] tensor per entry shape: K and V, or latent attention's one
+        self.entries = [
+            tuple(
+                torch.zeros(shape_of[g], *shape, dtype=dtype, device=device)
+                for shape in config.kv_entry_shapes(i)
+            )
+            for i, g in enumerate(self.group_of)
+        ]
         self.device = device
-        self.nbytes = sum(t.nbytes for t in self.k + self.v)
+        self.nbytes = sum(t.nbytes for layer in self.entries for t in layer)
 
     # ------------------------------------------------------------------------------------ blocks
 

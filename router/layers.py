@@ -86,16 +86,21 @@ class PagedAttention(nn.Module):
         self.layer = layer
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
         self.sliding = config.is_sliding(layer)
         self.register_parameter(
             "sinks", nn.Parameter(torch.zeros(self.heads)) if config.attention_sinks else None
         )
 
     def attend(self, q, k, v, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
-        """q [T, heads, dim], k and v [T, kv_heads, dim] of the step's tokens; stores k, v in the cache."""
+        """q [T, heads, dim], k and v [T, kv_heads, dim] of the step's tokens; stores them in the cache.
+
+        A layer whose cache holds one tensor (latent attention) passes it as both k and v.
+        """
         group = cache.group_of[self.layer]
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-        out = torch.empty_like(q)
+        stored = cache.entries[self.layer]
+        k_cache, v_cache = stored[0], stored[-1]
+        out = q.new_empty(*q.shape[:2], v.shape[-1])
         for part in batch.parts:
             index = part.groups[group]
             rows = part.batch * part.max_query
@@ -106,7 +111,7 @@ class PagedAttention(nn.Module):
                 return padded.view(part.batch, part.max_query, *t.shape[1:])
 
             keys = torch.cat([k_cache[index.cached_slots], grid(k)], 1).transpose(1, 2)
-            values = torch.cat([v_cache[index.cached_slots], grid(v)], 1).transpose(1, 2)
+            values = keys if v is k else torch.cat([v_cache[index.cached_slots], grid(v)], 1).transpose(1, 2)
             mask = index.mask
             if self.sinks is not None:
                 keys, values, mask = self._sink_key(keys, values, mask)
@@ -115,27 +120,28 @@ class PagedAttention(nn.Module):
                 keys,
                 values,
                 attn_mask=mask,
-                scale=self.head_dim**-0.5,
-                enable_gqa=self.heads != self.kv_heads,
+                scale=self.scale,
+                enable_gqa=self.heads != k.shape[1],
             )
-            out[part.tokens] = attended.transpose(1, 2).reshape(rows, self.heads, self.head_dim)[
-                part.grid_index
-            ]
+            out[part.tokens] = attended.transpose(1, 2).reshape(rows, self.heads, -1)[part.grid_index]
         for part in batch.parts:
             index = part.groups[group]
-            k_cache[index.write_slots] = k[index.write_tokens]
-            v_cache[index.write_slots] = v[index.write_tokens]
+            for tensor, step in zip(stored, (k, v), strict=False):
+                tensor[index.write_slots] = step[index.write_tokens]
         return out
 
     def _sink_key(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
         """keys, values [B, kv_heads, L, dim] and the bool mask [B, 1, Lq, L] with the sink key appended:
         the mask becomes additive, [B, heads, Lq, L + 1]."""
         batch, _, queries, _ = mask.shape
-        zero = keys.new_zeros(*keys.shape[:2], 1, keys.shape[3])
         bias = keys.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         sink = self.sinks.to(keys.dtype).view(1, -1, 1, 1).expand(batch, -1, queries, 1)
         bias = torch.cat([bias.expand(-1, self.heads, -1, -1), sink], -1)
-        return torch.cat([keys, zero], 2), torch.cat([values, zero], 2), bias
+
+        def with_zero(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[3])], 2)
+
+        return with_zero(keys), with_zero(values), bias
 
 
 class RotaryAttention(PagedAttention):

@@ -10,7 +10,14 @@ from router.config import ModelConfig, adapter
 from router.layers import RouterModel
 
 # the gates read fp32 states
-FP32_PARAMS = ("norm.weight", ".gate.weight", "expert_bias", "mlp.router.weight", "mlp.router.bias")
+FP32_PARAMS = (
+    "norm.weight",
+    ".gate.weight",
+    "expert_bias",
+    "e_score_correction_bias",
+    "mlp.router.weight",
+    "mlp.router.bias",
+)
 
 
 def load_router_model(

@@ -151,6 +151,32 @@ FAMILY_PARITY_CONFIGS: dict[str, tuple[str, dict]] = {
             mlp_only_layers=[0],  # MoE on layers 1 and 2
         ),
     ),
+    # MLA with a low-rank query and interleaved rope; 10 experts in 2 groups, each token's top-3 from one
+    "deepseek-qlora-interleave-2groups-top3": (
+        "deepseek_v3",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=24,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            first_k_dense_replace=1,
+            n_routed_experts=10,
+            n_group=2,
+            topk_group=1,
+            num_experts_per_tok=3,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=32,
+            kv_lora_rank=24,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            rope_interleave=True,
+        ),
+    ),
 }
 
 

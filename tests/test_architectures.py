@@ -25,7 +25,7 @@ from router.layers import rope_frequencies
 from router.rope import RopeScaling
 from router.tokenizer import Tokenizer
 from router.weights import expert_kind
-from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy
+from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy, hf_reference
 from tests.toolkit import checkout_cli, local_core
 
 PROMPT = [5, 17, 9, 22, 41, 7, 8, 100, 2, 60, 33, 11, 250, 7, 19]
@@ -52,7 +52,7 @@ def test_each_family_is_chosen_from_architectures(family_checkpoints) -> None:
 
 
 def test_an_unsupported_architecture_is_refused_with_the_supported_list(family_checkpoints) -> None:
-    raw = _raw(family_checkpoints["mixtral-gqa-window4-top2"]) | {"architectures": ["DeepseekV3ForCausalLM"]}
+    raw = _raw(family_checkpoints["mixtral-gqa-window4-top2"]) | {"architectures": ["Glm4MoeForCausalLM"]}
     with pytest.raises(ConfigError, match="unsupported architecture") as err:
         ModelConfig.from_dict(raw)
     assert all(arch in str(err.value) for arch in SUPPORTED_ARCHITECTURES)
@@ -252,3 +252,64 @@ def test_mixtral_with_yarn_rope_equals_transformers(tmp_path) -> None:
     core = local_core(written, shards=2, max_num_batched_tokens=8)
     [seq] = core.generate([PROMPT], [_greedy(12)])
     assert seq.output_ids == hf_greedy(reference, PROMPT, 12)
+# DeepSeek-V3's other switches, checked in this process (the Ray parity config is in FAMILY_PARITY_CONFIGS):
+# q_proj instead of a low-rank query, rope on halves, weights not renormalised, 9 experts in 3 groups
+# of which 2 are kept, 2 shared experts, tied embeddings.
+DEEPSEEK_Q_PROJ = dict(
+    hidden_size=48,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    first_k_dense_replace=1,
+    n_routed_experts=9,
+    n_group=3,
+    topk_group=2,
+    num_experts_per_tok=3,
+    n_shared_experts=2,
+    routed_scaling_factor=1.5,
+    norm_topk_prob=False,
+    q_lora_rank=None,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=12,
+    rope_interleave=False,
+    tie_word_embeddings=True,
+)
+
+
+def test_deepseek_q_proj_variant_matches_transformers_through_a_latent_cache(tmp_path) -> None:
+    torch.set_num_threads(1)
+    path = write_checkpoint(tmp_path / "ds", DEEPSEEK_Q_PROJ, seed=3, family="deepseek_v3")
+    prompts = [PROMPT, [300, 4], list(range(20, 41))]
+    ref_logits, ref_tokens = hf_reference(path, prompts, 16)
+    core = local_core(path, shards=3, max_num_batched_tokens=8)  # chunked prefills beside decodes
+    latent = DEEPSEEK_Q_PROJ["kv_lora_rank"] + DEEPSEEK_Q_PROJ["qk_rope_head_dim"]
+    slots = core.cache.full.num_blocks * core.cache.block_size
+    assert [[tuple(t.shape) for t in layer] for layer in core.cache.entries] == [[(slots, 1, latent)]] * 3
+    assert core.cache.nbytes == 3 * slots * latent * 4  # fp32: nothing but the latent per token and layer
+    assert (core.prefill_logits(PROMPT) - ref_logits).abs().max().item() < 1e-4
+    seqs = core.generate(prompts, [_greedy(16)] * len(prompts))
+    assert [s.output_ids for s in seqs] == ref_tokens
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0}}, "YaRN"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
+        ({"num_key_value_heads": 2}, "num_key_value_heads"),
+        ({"n_group": 3}, "n_group 3"),
+        ({"topk_group": 3}, "topk_group 3"),
+        ({"n_group": 5, "topk_group": 1}, "fewer experts than num_experts_per_tok"),
+        ({"first_k_dense_replace": 4}, "first_k_dense_replace"),
+        ({"scoring_func": "softmax"}, "scoring_func 'softmax'"),
+        ({"qk_rope_head_dim": 5}, "qk_rope_head_dim 5"),
+    ],
+)
+def test_deepseek_fields_it_does_not_implement_are_load_errors(family_checkpoints, change, message) -> None:
+    raw = _raw(family_checkpoints["deepseek-qlora-interleave-2groups-top3"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_dict(raw | change)

@@ -1,7 +1,8 @@
 import pytest
 import torch
-from transformers import AfmoeConfig, GptOssConfig
+from transformers import AfmoeConfig, DeepseekV3Config, GptOssConfig
 from transformers.models.afmoe.modeling_afmoe import AfmoeTokenChoiceRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 
 from router.config import ModelConfig
@@ -141,3 +142,59 @@ def test_gpt_oss_router_matches_transformers(num_experts: int, k: int) -> None:
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-6)
     unbiased_ids, _ = topk_softmax(torch.nn.functional.linear(x, gate.weight), None, k, 1.0)
     assert not torch.equal(unbiased_ids, ids)
+
+
+def _deepseek_router(num_experts: int, k: int, n_group: int, topk_group: int, norm: bool, scale: float):
+    """transformers' DeepSeek-V3 router with an identity gate and a random selection bias."""
+    config = DeepseekV3Config(
+        hidden_size=num_experts,
+        n_routed_experts=num_experts,
+        num_experts_per_tok=k,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scale,
+        num_attention_heads=1,
+    )
+    router = DeepseekV3TopkRouter(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(num_experts))
+        router.e_score_correction_bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(k))
+    return router
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "k", "n_group", "topk_group", "norm", "scale"),
+    [(10, 3, 2, 1, True, 2.5), (12, 4, 4, 2, False, 1.5), (16, 6, 8, 3, True, 1.0)],
+)
+def test_grouped_sigmoid_topk_matches_transformers(num_experts, k, n_group, topk_group, norm, scale) -> None:
+    gen = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(128, num_experts, generator=gen) * 2
+    router = _deepseek_router(num_experts, k, n_group, topk_group, norm, scale)
+    with torch.no_grad():
+        _, ref_weights, ref_ids = router(logits)
+    gating = GATING["sigmoid_grouped" if norm else "sigmoid_grouped_unnormalised"]
+
+    ids, weights = gating(
+        logits, router.e_score_correction_bias, k, scale, n_group=n_group, topk_group=topk_group
+    )
+
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    ids_sorted, weights_sorted = _by_expert(ids, weights)
+    ref_ids_sorted, ref_weights_sorted = _by_expert(ref_ids, ref_weights)
+    assert torch.equal(ids_sorted, ref_ids_sorted)
+    torch.testing.assert_close(weights_sorted, ref_weights_sorted, atol=1e-6, rtol=1e-6)
+    per_group = num_experts // n_group
+    groups_used = (ids // per_group).unique(dim=None, sorted=False)
+    assert groups_used.numel() > topk_group  # different tokens pick different groups...
+    assert all(len(set((row // per_group).tolist())) <= topk_group for row in ids)  # ...each from few
+
+
+def test_grouped_selection_skips_the_best_expert_of_a_weaker_group() -> None:
+    # group 0 = experts 0-2, group 1 = experts 3-5; group 1's two best sum higher, though expert 0 is best
+    logits = torch.tensor([[4.0, -3.0, -3.0, 2.0, 2.0, 1.0]])
+    ids, weights = GATING["sigmoid_grouped"](logits, None, 2, 1.0, n_group=2, topk_group=1)
+    assert sorted(ids[0].tolist()) == [3, 4]
+    torch.testing.assert_close(weights.sum(1), torch.ones(1))
+    flat, _ = GATING["sigmoid_grouped"](logits, None, 2, 1.0, n_group=1, topk_group=1)
+    assert sorted(flat[0].tolist()) == [0, 3]

@@ -113,7 +113,8 @@ def test_budget_gives_the_sliding_pool_its_share_and_the_rest_to_full_blocks() -
     assert cache.nbytes <= budget
     assert cache.nbytes == sliding_bytes + 10 * BLOCK_BYTES
     rows = sliding_blocks * 4
-    assert [tuple(k.shape) for k in cache.k] == [(rows, KV_HEADS, HEAD_DIM)] * 3 + [(40, KV_HEADS, HEAD_DIM)]
+    shapes = [[tuple(t.shape) for t in kv] for kv in cache.entries]
+    assert shapes == [[(rows, KV_HEADS, HEAD_DIM)] * 2] * 3 + [[(40, KV_HEADS, HEAD_DIM)] * 2]
     assert cache.group_of == [SLIDING, SLIDING, SLIDING, FULL]
 
 
@@ -213,7 +214,8 @@ class FakeKeys:
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
         self.store = {
-            g: torch.full((cache.k[cache.group_of.index(g)].shape[0],), -1) for g in set(cache.group_of)
+            g: torch.full((cache.entries[cache.group_of.index(g)][0].shape[0],), -1)
+            for g in set(cache.group_of)
         }
 
     def step(self, starts: list[int], lengths: list[int], blocks: list[SequenceBlocks]):
@@ -358,3 +360,35 @@ def test_build_masks_for_sliding_window_are_exact_on_a_long_prefill() -> None:
     # every key is written in both groups: sliding blocks stay whole, so the prefix cache can reuse them
     for group in (FULL, SLIDING):
         assert sorted(batch.positions[part.groups[group].write_tokens].tolist()) == list(range(12))
+
+
+def test_latent_attention_caches_one_latent_entry_per_token_and_layer() -> None:
+    rank, rope = 12, 4
+    config = ModelConfig.from_dict(
+        {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 4,
+            "n_routed_experts": 8,
+            "n_group": 2,
+            "topk_group": 1,
+            "num_experts_per_tok": 2,
+            "q_lora_rank": 16,
+            "kv_lora_rank": rank,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": rope,
+            "v_head_dim": 8,
+        }
+    )
+    assert [config.kv_bytes_per_token_layer(2, i) for i in range(3)] == [(rank + rope) * 2] * 3
+    budget = default_cache_bytes(config, 2, 40, 4, torch.float32, max_num_batched_tokens=8)
+    cache = KVCache(config, budget, 2, 4, torch.float32, torch.device("cpu"), max_num_batched_tokens=8)
+    slots = cache.full.num_blocks * 4
+    assert cache.full.num_blocks == 2 * 10  # two sequences of 40 tokens, at the latent's size
+    assert [[tuple(t.shape) for t in layer] for layer in cache.entries] == [[(slots, 1, rank + rope)]] * 3
+    assert cache.nbytes == budget == slots * 3 * (rank + rope) * 4

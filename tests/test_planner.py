@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AfmoeConfig, AfmoeForCausalLM
+from transformers import AfmoeConfig, AfmoeForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from cluster.cli.main import main
 from cluster.planner import sizes
 from cluster.planner.models import load_model
 from cluster.planner.plan import GB, RESERVE_BYTES, Hardware, PlanError, Request, make_plan
 from router.config import ModelConfig
-from tests.conftest import PARITY_CONFIGS
+from tests.conftest import FAMILY_PARITY_CONFIGS, PARITY_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_MOE_LAYERS, LARGE_HIDDEN = 54, 3072
@@ -90,6 +90,21 @@ def test_parameter_count_equals_transformers(name):
     assert p.total == sum(t.numel() for t in model.parameters())
     routed = sum(t.numel() for n, t in model.named_parameters() if ".mlp.experts." in n)
     assert p.routed == routed
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_latent_attention_parameter_count_and_kv_bytes_equal_transformers(q_lora_rank):
+    _, config = FAMILY_PARITY_CONFIGS["deepseek-qlora-interleave-2groups-top3"]
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**config | {"q_lora_rank": q_lora_rank}, vocab_size=300))
+    cfg = ModelConfig.from_dict(model.config.to_dict() | {"architectures": ["DeepseekV3ForCausalLM"]})
+    p = sizes.count_params(cfg)
+    biases = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert p.total == sum(t.numel() for t in model.parameters()) + biases
+    assert p.routed == sum(t.numel() for n, t in model.named_parameters() if ".mlp.experts." in n)
+    latent = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    assert cfg.kv_bytes_per_token_layer(sizes.KV_BYTES) == latent * sizes.KV_BYTES
+    layers = config["num_hidden_layers"]
+    assert sizes.kv_bytes_per_sequence(cfg, 100, 16) == layers * 112 * latent * sizes.KV_BYTES
 
 
 def test_model_from_a_checkpoint_directory_and_its_config_file(checkpoints):

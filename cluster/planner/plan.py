@@ -151,7 +151,7 @@ def decode_step(
     flops = hw.peak_flops(dtype)
     hbm = hw.hbm_gbps * GB
     context = req.max_model_len // 2
-    attention_flops = 4 * context * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    attention_flops = sizes.attention_flops(cfg, context)
     router_bytes = p.router_linear * sizes.WEIGHT_BYTES[dtype] + batch * sizes.kv_bytes_read(cfg, context)
     router_s = max(router_bytes / hbm, batch * (2 * p.router_linear + attention_flops) / flops)
     touched = sizes.touched_experts(cfg.num_experts, cfg.num_experts_per_tok, batch) / shards

@@ -1,8 +1,8 @@
 """Sizes of an AFMoE model: parameters by where they live, KV cache and exchange bytes. Torch-free.
 
-The parameter accounting follows transformers' AfmoeForCausalLM module by module (tests compare it
-with a real model's parameter count), split the way this engine places it: routed experts on the
-expert shards, everything else on the router.
+The parameter accounting follows transformers' AfmoeForCausalLM module by module, or, for a model with
+latent attention, DeepseekV3ForCausalLM (tests compare both with a real model's parameter count),
+split the way this engine places it: routed experts on the expert shards, everything else on the router.
 """
 
 from __future__ import annotations
@@ -58,17 +58,31 @@ class Params:
         return self.attention + self.dense_mlp + self.shared_experts + self.router_gates + self.lm_head
 
 
+def latent_attention_params(cfg: ModelConfig) -> int:
+    """One DeepSeek-V3 MLA layer: the (low-rank) query, kv_a (latent and shared rope key), kv_b, o."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    q_out = heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    q = (h + q_out) * cfg.q_lora_rank if cfg.q_lora_rank else h * q_out
+    kv_a = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv_b = cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv_a + kv_b + heads * cfg.v_head_dim * h
+
+
 def count_params(cfg: ModelConfig) -> Params:
     h, heads, kv_heads, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     layers, moe = cfg.num_hidden_layers, len(cfg.moe_layers)
     dense = layers - moe
     per_expert = 3 * h * cfg.moe_intermediate_size
-    # q, gate (h -> heads*d), k, v (h -> kv_heads*d), o (heads*d -> h)
+    # q, gate (h -> heads*d), k, v (h -> kv_heads*d), o (heads*d -> h); four norms and q/k norms a layer
     attention = layers * (3 * h * heads * d + 2 * h * kv_heads * d)
+    norms = layers * (4 * h + 2 * d) + h
+    if cfg.kv_lora_rank:
+        attention = layers * latent_attention_params(cfg)
+        norms = layers * (2 * h + cfg.q_lora_rank + cfg.kv_lora_rank) + h
     return Params(
         embeddings=cfg.vocab_size * h,
         lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h,
-        norms=layers * (4 * h + 2 * d) + h,
+        norms=norms,
         attention=attention,
         dense_mlp=dense * 3 * h * cfg.intermediate_size,
         shared_experts=moe * per_expert * cfg.num_shared_experts,
@@ -97,14 +111,23 @@ def expert_bytes_all_layers(cfg: ModelConfig, p: Params, dtype: str) -> int:
 
 
 def kv_bytes_per_sequence(cfg: ModelConfig, max_model_len: int, block_size: int) -> int:
-    return cfg.kv_slots_per_sequence(max_model_len, block_size) * cfg.kv_bytes_per_token_layer(KV_BYTES)
+    return cfg.kv_bytes_per_sequence(max_model_len, block_size, KV_BYTES)
 
 
 def kv_bytes_read(cfg: ModelConfig, context: int) -> int:
     """KV bytes one decode step reads for one sequence holding `context` tokens."""
-    sliding = sum(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
-    tokens = (cfg.num_hidden_layers - sliding) * context + sliding * min(context, cfg.sliding_window)
-    return tokens * cfg.kv_bytes_per_token_layer(KV_BYTES)
+    return sum(
+        (min(context, cfg.sliding_window) if cfg.is_sliding(i) else context)
+        * cfg.kv_bytes_per_token_layer(KV_BYTES, i)
+        for i in range(cfg.num_hidden_layers)
+    )
+
+
+def attention_flops(cfg: ModelConfig, context: int) -> int:
+    """Scores and weighted sums of one decode token over `context` cached tokens in every layer; latent
+    attention scores over the latent and rope dims and sums over the latent, for every head."""
+    per_head = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.kv_lora_rank else 2 * cfg.head_dim
+    return 2 * context * cfg.num_attention_heads * per_head * cfg.num_hidden_layers
 
 
 def shard_sizes(num_experts: int, shards: int) -> list[int]:
