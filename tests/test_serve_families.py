@@ -5,6 +5,7 @@ GPT-OSS the per-expert load and rank-imbalance metrics are read back from Ray's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,37 +119,43 @@ def test_qwen3_moe_served_with_openai_client_equals_transformers(qwen3_model, qw
         assert choice.text == tokenizer.decode(expected), prompt
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_family_served_with_openai_client_equals_transformers_and_counts_its_experts(
-    request, serve_http, metrics_export_port, family
+def test_mixtral_and_gpt_oss_served_with_openai_client_equal_transformers_and_count_their_experts(
+    serve_http, metrics_export_port, mixtral_model, gpt_oss_model
 ) -> None:
-    """One request through the app; then moe_expert_tokens counts every (token, expert) pair of every
-    MoE layer, under expert ids of this model, and moe_expert_imbalance has one series per MoE layer."""
-    model_dir = request.getfixturevalue(f"{family}_model")
-    config = ModelConfig.from_model_dir(model_dir)
-    assert config.num_experts % 2  # no even split over the 2 shards
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = Tokenizer.from_model_dir(model_dir)
-    ids = tokenizer.encode(PROMPTS[1])
-    expected = hf_greedy(reference, ids, NEW_TOKENS)
-    name = f"served-{family.replace('_', '-')}"
-    options = small_app(model_dir, expert_shards=2, max_model_len=128, max_num_seqs=8, served_model_name=name)
-    with served_app(serve_http, name, options) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        out = client.completions.create(
-            model=name, prompt=ids, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
-        )
-        assert out.choices[0].text == tokenizer.decode(expected)
+    """One request through each family's app (both up at once, so their metrics arrive together);
+    then moe_expert_tokens counts every (token, expert) pair of every MoE layer, under expert ids of
+    that model, and moe_expert_imbalance has one series per MoE layer."""
+    with contextlib.ExitStack() as apps:
+        expected_pairs = {}
+        for family, model_dir in (("mixtral", mixtral_model), ("gpt-oss", gpt_oss_model)):
+            config = ModelConfig.from_model_dir(model_dir)
+            assert config.num_experts % 2  # no even split over the 2 shards
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            tokenizer = Tokenizer.from_model_dir(model_dir)
+            ids = tokenizer.encode(PROMPTS[1])
+            name = f"served-{family}"
+            options = small_app(
+                model_dir, expert_shards=2, max_model_len=128, max_num_seqs=8, served_model_name=name
+            )
+            url = apps.enter_context(served_app(serve_http, name, options))
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+            out = client.completions.create(
+                model=name, prompt=ids, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            )
+            assert out.choices[0].text == tokenizer.decode(hf_greedy(reference, ids, NEW_TOKENS)), family
+            computed = len(ids) + NEW_TOKENS - 1  # the last sampled token is not fed back
+            expected_pairs[name] = (config, computed * config.num_experts_per_tok * len(config.moe_layers))
 
-        computed = len(ids) + NEW_TOKENS - 1  # the last sampled token is not fed back
-        pairs = computed * config.num_experts_per_tok * len(config.moe_layers)
-
-        def per_expert() -> dict[str, float]:
+        def per_expert(name: str) -> dict[str, float]:
             return {s["expert"]: v for s, v in scrape(metrics_export_port, "moe_expert_tokens", model=name)}
 
-        assert wait_for(lambda: sum(per_expert().values()) == pairs, 60, 1.0), (per_expert(), pairs)
-        assert set(per_expert()) <= {str(e) for e in range(config.num_experts)}
-        assert len(per_expert()) > config.num_experts_per_tok  # routing depends on the token
-        imbalance = scrape(metrics_export_port, "moe_expert_imbalance", model=name)
-        assert sorted(s["layer"] for s, _ in imbalance) == sorted(map(str, config.moe_layers))
-        assert all(1.0 <= v <= 2.0 for _, v in imbalance)  # max / mean over 2 ranks
+        def all_counted() -> bool:
+            return all(sum(per_expert(n).values()) == pairs for n, (_, pairs) in expected_pairs.items())
+
+        assert wait_for(all_counted, 60, 1.0), {n: per_expert(n) for n in expected_pairs}
+        for name, (config, _) in expected_pairs.items():
+            assert set(per_expert(name)) <= {str(e) for e in range(config.num_experts)}
+            assert len(per_expert(name)) > config.num_experts_per_tok  # routing depends on the token
+            imbalance = scrape(metrics_export_port, "moe_expert_imbalance", model=name)
+            assert sorted(s["layer"] for s, _ in imbalance) == sorted(map(str, config.moe_layers)), name
+            assert all(1.0 <= v <= 2.0 for _, v in imbalance)  # max / mean over 2 ranks
