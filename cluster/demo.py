@@ -59,6 +59,8 @@ class Family:
     gate_suffix: str  # the router's gate weight (transformers initialises it to zeros)
     gate_std_scale: float
     bias_suffix: str | None = None  # a selection bias (a parameter or a buffer), also zeroed by transformers
+    # (suffix, std): other parameters drawn from N(0, std), as transformers zeroes or barely sets them
+    extra_normal: tuple[tuple[str, float], ...] = ()
 
     @property
     def model_class(self) -> type:
@@ -90,6 +92,33 @@ FAMILIES: dict[str, Family] = {
         _SMALL_LLAMA_LIKE | {"intermediate_size": 64, "num_local_experts": 7, "sliding_window": 64},
         "mlp.gate.weight",
         2.0,
+    ),
+    "gpt_oss": Family(
+        "GptOssForCausalLM",
+        _SMALL_LLAMA_LIKE
+        | {
+            "intermediate_size": 64,
+            "num_local_experts": 9,
+            "sliding_window": 64,
+            "max_position_embeddings": 131072,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        },
+        "mlp.router.weight",
+        2.0,
+        extra_normal=(
+            ("mlp.router.bias", 0.5),
+            ("self_attn.sinks", 1.0),
+            ("_proj.bias", 0.05),  # q/k/v/o
+            ("_proj_bias", 0.05),  # the experts' gate_up and down
+        ),
     ),
     "qwen3_moe": Family(
         "Qwen3MoeForCausalLM",
@@ -161,7 +190,8 @@ def full_config(
 
 
 def _sharpen_decisions(model: transformers.PreTrainedModel, family: Family, hidden_size: int) -> None:
-    """Make routing depend on the token (transformers zeroes gates and expert biases) and widen the logits."""
+    """Make routing depend on the token (transformers zeroes gates and expert biases), widen the logits,
+    and give the family's other near-zero parameters (biases, sinks) values that matter."""
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, LM_HEAD_STD_SCALE / hidden_size**0.5)
         for name, param in itertools.chain(model.named_parameters(), model.named_buffers()):
@@ -169,6 +199,9 @@ def _sharpen_decisions(model: transformers.PreTrainedModel, family: Family, hidd
                 param.normal_(0.0, family.gate_std_scale / hidden_size**0.5)
             elif family.bias_suffix and name.endswith(family.bias_suffix):
                 param.normal_(0.0, EXPERT_BIAS_STD)
+            for suffix, std in family.extra_normal:
+                if name.endswith(suffix):
+                    param.normal_(0.0, std)
 
 
 def _build_model(config: dict, seed: int, family: Family) -> transformers.PreTrainedModel:

@@ -1,20 +1,33 @@
-"""One shard's routed experts: loading them from a checkpoint and their SwiGLU compute."""
+"""One shard's routed experts: loading them from a checkpoint, and their (clamped) SwiGLU compute."""
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from experts.checkpoint import CheckpointReader
+from experts.kind import ExpertKind
 from experts.layouts import expert_dims, load_layer
+
+PLAIN = ExpertKind()
 
 
 class ExpertShard:
-    """The routed experts one shard owns, for every MoE layer, and their SwiGLU compute."""
+    """The routed experts one shard owns, for every MoE layer, and their compute (experts/kind.py)."""
 
     def __init__(
-        self, gate_up: list[torch.Tensor], down: list[torch.Tensor], grouped: bool | None = None
+        self,
+        gate_up: list[torch.Tensor],
+        down: list[torch.Tensor],
+        grouped: bool | None = None,
+        *,
+        kind: ExpertKind = PLAIN,
+        gate_up_bias: list[torch.Tensor] | None = None,
+        down_bias: list[torch.Tensor] | None = None,
     ) -> None:
         """Per MoE layer (list index = MoE layer ordinal): gate_up [E_local, 2*I, H], whose first I output
-        rows are gate_proj and next I up_proj, and down [E_local, H, I]."""
+        rows are gate_proj and next I up_proj, and down [E_local, H, I]; with `kind.biases`, also
+        gate_up_bias [E_local, 2*I] (gate first) and down_bias [E_local, H]."""
         if not gate_up or len(gate_up) != len(down):
             raise ValueError(
                 f"need one gate_up and one down per MoE layer, got {len(gate_up)} and {len(down)}"
@@ -28,8 +41,19 @@ class ExpertShard:
                     f"MoE layer {layer}: gate_up {tuple(gu.shape)} and down {tuple(dn.shape)} do not match "
                     f"gate_up ({num_local}, {two_i}, {hidden}) and down ({num_local}, {hidden}, {two_i // 2})"
                 )
+        if kind.biases != (gate_up_bias is not None and down_bias is not None):
+            raise ValueError(f"{kind} needs gate_up_bias and down_bias exactly when it has biases")
+        for layer, (gb, db) in enumerate(zip(gate_up_bias or [], down_bias or [], strict=True)):
+            if gb.shape != (num_local, two_i) or db.shape != (num_local, hidden):
+                raise ValueError(
+                    f"MoE layer {layer}: biases {tuple(gb.shape)} and {tuple(db.shape)} do not match "
+                    f"({num_local}, {two_i}) and ({num_local}, {hidden})"
+                )
         self.gate_up = gate_up
         self.down = down
+        self.kind = kind
+        self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
+        self.activate = activation(kind)
         self.num_layers = len(gate_up)
         self.num_local_experts = num_local
         self.hidden_size = hidden
@@ -41,32 +65,56 @@ class ExpertShard:
 
     @classmethod
     def load(
-        cls, reader: CheckpointReader, layers: list[int], expert_ids: list[int], dtype: torch.dtype
+        cls,
+        reader: CheckpointReader,
+        layers: list[int],
+        expert_ids: list[int],
+        dtype: torch.dtype,
+        kind: ExpertKind = PLAIN,
     ) -> "ExpertShard":
         """Load experts `expert_ids` (global ids, in local order) of decoder layers `layers` (the MoE
         layers, in order), reading only those experts' tensors, straight into `dtype` buffers.
 
-        Each layer in whichever layout the checkpoint holds it (experts/layouts.py).
+        Each layer in whichever layout the checkpoint holds it (experts/layouts.py); `kind` says what
+        the family's experts compute and whether they are stored interleaved, with biases.
         """
         if not layers or not expert_ids:
             raise ValueError(
                 f"need at least one layer and one expert, got layers={layers} experts={expert_ids}"
             )
-        inter, hidden = expert_dims(reader, layers[0], expert_ids[0])
-        gate_up, down = [], []
+        inter, hidden = expert_dims(reader, layers[0], expert_ids[0], kind.interleaved)
+        num = len(expert_ids)
+        gate_up, down, gate_up_bias, down_bias = [], [], [], []
         for layer in layers:
-            gu = torch.empty(len(expert_ids), 2 * inter, hidden, dtype=dtype)
-            dn = torch.empty(len(expert_ids), hidden, inter, dtype=dtype)
-            load_layer(reader, layer, expert_ids, gu, dn)
+            gu = torch.empty(num, 2 * inter, hidden, dtype=dtype)
+            dn = torch.empty(num, hidden, inter, dtype=dtype)
+            biases = None
+            if kind.biases:
+                biases = torch.empty(num, 2 * inter, dtype=dtype), torch.empty(num, hidden, dtype=dtype)
+                gate_up_bias.append(biases[0])
+                down_bias.append(biases[1])
+            load_layer(reader, layer, expert_ids, gu, dn, kind.interleaved, biases)
             gate_up.append(gu)
             down.append(dn)
-        return cls(gate_up, down)
+        if not kind.biases:
+            return cls(gate_up, down, kind=kind)
+        return cls(gate_up, down, kind=kind, gate_up_bias=gate_up_bias, down_bias=down_bias)
 
     def to(self, device: torch.device) -> "ExpertShard":
-        return ExpertShard([t.to(device) for t in self.gate_up], [t.to(device) for t in self.down])
+        def moved(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if tensors is None else [t.to(device) for t in tensors]
+
+        return ExpertShard(
+            moved(self.gate_up),
+            moved(self.down),
+            kind=self.kind,
+            gate_up_bias=moved(self.gate_up_bias),
+            down_bias=moved(self.down_bias),
+        )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+        biases = (*(self.gate_up_bias or ()), *(self.down_bias or ()))
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down, *biases))
 
     def forward(
         self, layer: int, rows: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor
@@ -74,7 +122,7 @@ class ExpertShard:
         """rows [R, H] in the weights' dtype; local_ids [R, k] int64, -1 for an empty slot; weights [R, k].
 
         Returns [R, H] in rows.dtype: per row, the sum over its valid slots of
-        weight * down(silu(gate(x)) * up(x)).
+        weight * down(act(gate(x), up(x))), act the kind's activation (silu(gate) * up for SwiGLU).
         """
         gate_up, down = self.gate_up[layer], self.down[layer]
         out = torch.zeros_like(rows)
@@ -91,10 +139,14 @@ class ExpertShard:
             )
         tokens = pairs // local_ids.shape[1]
         x = rows[tokens]
+        row_bias = None
+        if self.gate_up_bias is not None:
+            row_experts = flat_ids[pairs]
+            row_bias = self.gate_up_bias[layer][row_experts], self.down_bias[layer][row_experts]
         if self.grouped:
-            y = _grouped_swiglu(x, gate_up, down, counts)
+            y = _grouped_experts(x, gate_up, down, counts, self.activate, row_bias)
         else:
-            y = _looped_swiglu(x, gate_up, down, counts.tolist())
+            y = _looped_experts(x, gate_up, down, counts.tolist(), self.activate, row_bias)
         y *= weights.reshape(-1)[pairs].to(y.dtype).unsqueeze(1)
         return out.index_add_(0, tokens, y)
 
@@ -113,14 +165,56 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def _grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor):
+Activation = Callable[[torch.Tensor], torch.Tensor]
+RowBias = tuple[torch.Tensor, torch.Tensor] | None  # each row's expert's gate_up and down biases
+
+
+def activation(kind: ExpertKind) -> Activation:
+    """[R, 2I] gate_up outputs (gate first) -> [R, I]."""
+    if kind.activation == "swiglu":
+        return _swiglu
+    alpha, limit = kind.alpha, kind.limit
+
+    def clamped_swiglu(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    return clamped_swiglu
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _grouped_experts(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    counts: torch.Tensor,
+    activate: Activation,
+    row_bias: RowBias,
+) -> torch.Tensor:
     """All local experts in two grouped GEMMs over rows sorted by expert; no host sync on the counts."""
     offsets = counts.cumsum(0).to(torch.int32)
-    gate, up = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
+    h = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offsets)
+    if row_bias is not None:
+        h += row_bias[0]
+    y = torch._grouped_mm(activate(h), down.transpose(1, 2), offs=offsets)
+    if row_bias is not None:
+        y += row_bias[1]
+    return y
 
 
-def _looped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]):
+def _looped_experts(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    counts: list[int],
+    activate: Activation,
+    row_bias: RowBias,
+) -> torch.Tensor:
     """One GEMM pair per active expert over its contiguous block of rows."""
     y = torch.empty_like(x)
     start = 0
@@ -128,7 +222,11 @@ def _looped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, c
         if not count:
             continue
         end = start + count
-        gate, up = F.linear(x[start:end], gate_up[expert]).chunk(2, dim=-1)
-        y[start:end] = F.linear(F.silu(gate) * up, down[expert])
+        h = F.linear(x[start:end], gate_up[expert])
+        if row_bias is not None:
+            h += row_bias[0][start:end]
+        y[start:end] = F.linear(activate(h), down[expert])
+        if row_bias is not None:
+            y[start:end] += row_bias[1][start:end]
         start = end
     return y

@@ -15,13 +15,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
+from router.rope import RopeError, RopeScaling, parse_rope
+
 ADAPTERS = {
     "AfmoeForCausalLM": "router.afmoe",
     "DeepseekV3ForCausalLM": "router.deepseek_v3",
+    "GptOssForCausalLM": "router.gpt_oss",
     "MixtralForCausalLM": "router.mixtral",
     "Qwen3MoeForCausalLM": "router.qwen3_moe",
 }
 SUPPORTED_ARCHITECTURES = tuple(ADAPTERS)
+DEFAULT_ROPE = RopeScaling()
 
 
 class ConfigError(ValueError):
@@ -70,6 +74,15 @@ class ModelConfig:
     rope_interleave: bool = False
     n_group: int = 1  # group-limited routing: experts in n_group groups, tokens pick topk_group of them
     topk_group: int = 1
+    rope: RopeScaling = DEFAULT_ROPE
+    attention_bias: bool = False  # q/k/v/o projections with biases (GPT-OSS)
+    attention_sinks: bool = False  # a learned per-head logit in every softmax (GPT-OSS)
+    # The routed experts (experts/kind.py ExpertKind, built by router.weights.expert_kind):
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_biases: bool = False
+    experts_interleaved: bool = False
 
     @property
     def moe_layers(self) -> list[int]:
@@ -147,16 +160,11 @@ class RawConfig:
         if self.raw.get(key):
             self.fail(f"{key}={self.raw[key]!r} is not supported: {why}")
 
-    def _check_common(self) -> None:
+    def _check_common(self, family: dict[str, Any]) -> None:
         self.refuse_if_set("quantization_config", "only unquantised checkpoints are read")
-        self.refuse_if_set("attention_bias", "attention projections without biases only")
+        if not family.get("attention_bias"):
+            self.refuse_if_set("attention_bias", "attention projections without biases only")
         rope = self.raw.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            self.fail(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported (only 'default')")
-        legacy = self.raw.get("rope_scaling") or {}
-        kind = legacy.get("rope_type", legacy.get("type", "default"))
-        if kind != "default":
-            self.fail(f"rope_scaling type {kind!r} is not supported (only 'default')")
         if float(rope.get("partial_rotary_factor") or 1.0) != 1.0:
             self.fail("rope_parameters.partial_rotary_factor is not supported (rope on the whole head only)")
         if self.get("hidden_act", "silu") != "silu":
@@ -164,7 +172,7 @@ class RawConfig:
 
     def build(self, **family: Any) -> ModelConfig:
         """The ModelConfig of the shared fields read here and the family's own `family` fields."""
-        self._check_common()
+        self._check_common(family)
         heads = int(self.need("num_attention_heads"))
         hidden = int(self.need("hidden_size"))
         kv_heads = int(self.get("num_key_value_heads") or heads)
@@ -172,6 +180,11 @@ class RawConfig:
             self.fail(f"num_attention_heads {heads} not divisible by num_key_value_heads")
         eos = self.raw.get("eos_token_id")
         rope = self.raw.get("rope_parameters") or {}
+        max_positions = int(self.get("max_position_embeddings") or 4096)
+        try:
+            scaling = parse_rope(self.raw, max_positions)
+        except RopeError as err:
+            self.fail(str(err))
         common = dict(
             vocab_size=int(self.need("vocab_size")),
             hidden_size=hidden,
@@ -184,7 +197,8 @@ class RawConfig:
             rope_theta=float(rope.get("rope_theta") or self.get("rope_theta") or 10000.0),
             rms_norm_eps=float(self.get("rms_norm_eps") or 1e-5),
             tie_word_embeddings=bool(self.raw.get("tie_word_embeddings")),
-            max_position_embeddings=int(self.get("max_position_embeddings") or 4096),
+            max_position_embeddings=max_positions,
+            rope=scaling,
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
         )
         cfg = ModelConfig(**(common | family))

@@ -2,8 +2,9 @@
 
 Each gating function maps fp32 router logits [T, E] to (expert ids [T, k] int64, weights [T, k] fp32).
 AFMoE's sigmoid, softmax top-k with (Mixtral, Qwen3-MoE with norm_topk_prob) or without
-(Qwen3-MoE otherwise) renormalisation, and DeepSeek-V3's group-limited sigmoid (its gate passes the
-group counts); an adapter names its entry in ModelConfig.gating.
+(Qwen3-MoE otherwise) renormalisation, DeepSeek-V3's group-limited sigmoid (its gate passes the
+group counts), and GPT-OSS's top-k then softmax over the selected logits; an adapter names its entry
+in ModelConfig.gating.
 """
 
 from __future__ import annotations
@@ -79,10 +80,21 @@ def grouped_sigmoid_topk_unnormalised(
     return grouped_sigmoid_topk(logits, bias, k, route_scale, normalise=False, **groups)
 
 
+def topk_softmax(
+    logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS: top-k of the logits (plus `bias`, where the gate did not add it), softmax over those k."""
+    if bias is not None:
+        logits = logits + bias
+    values, ids = torch.topk(logits.float(), k=k, dim=-1)
+    return ids, torch.softmax(values, dim=-1) * route_scale
+
+
 GATING: dict[str, GatingFn] = {
     "afmoe_sigmoid": afmoe_sigmoid_topk,
     "softmax": softmax_topk,
     "softmax_unnormalised": softmax_topk_unnormalised,
     "sigmoid_grouped": grouped_sigmoid_topk,
     "sigmoid_grouped_unnormalised": grouped_sigmoid_topk_unnormalised,
+    "topk_softmax": topk_softmax,
 }

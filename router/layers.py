@@ -49,10 +49,18 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """Default (unscaled) rotary frequencies over the whole head dimension."""
-    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
-    return 1.0 / (config.rope_theta**exponent)
+def rope_frequencies(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Rotary inverse frequencies over the whole head dimension (fp32), and the factor cos and sin are
+    multiplied by: the default rope's, or YaRN's blend of interpolated and original frequencies."""
+    dim, base, rope = config.head_dim, config.rope_theta, config.rope
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    if rope.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    low, high = rope.yarn_ramp(dim, base)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    interpolated = 1.0 / (rope.factor * pos_freqs)
+    return interpolated * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation, rope.yarn_scale()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +75,11 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 class PagedAttention(nn.Module):
-    """Attention over the paged KV cache; subclasses project q, k, v and the output."""
+    """Attention over the paged KV cache; subclasses project q, k, v and the output.
+
+    With `sinks` (GPT-OSS), each head's softmax also counts exp(sink) in its denominator: an extra key
+    of zeros whose logit the mask sets to the sink and whose value of zeros adds nothing.
+    """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -76,6 +88,9 @@ class PagedAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.sliding = config.is_sliding(layer)
+        self.register_parameter(
+            "sinks", nn.Parameter(torch.zeros(self.heads)) if config.attention_sinks else None
+        )
 
     def attend(self, q, k, v, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
         """q [T, heads, dim], k and v [T, kv_heads, dim] of the step's tokens; stores them in the cache.
@@ -97,11 +112,14 @@ class PagedAttention(nn.Module):
 
             keys = torch.cat([k_cache[index.cached_slots], grid(k)], 1).transpose(1, 2)
             values = keys if v is k else torch.cat([v_cache[index.cached_slots], grid(v)], 1).transpose(1, 2)
+            mask = index.mask
+            if self.sinks is not None:
+                keys, values, mask = self._sink_key(keys, values, mask)
             attended = F.scaled_dot_product_attention(
                 grid(q).transpose(1, 2),
                 keys,
                 values,
-                attn_mask=index.mask,
+                attn_mask=mask,
                 scale=self.scale,
                 enable_gqa=self.heads != k.shape[1],
             )
@@ -112,17 +130,31 @@ class PagedAttention(nn.Module):
                 tensor[index.write_slots] = step[index.write_tokens]
         return out
 
+    def _sink_key(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """keys, values [B, kv_heads, L, dim] and the bool mask [B, 1, Lq, L] with the sink key appended:
+        the mask becomes additive, [B, heads, Lq, L + 1]."""
+        batch, _, queries, _ = mask.shape
+        bias = keys.new_zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        sink = self.sinks.to(keys.dtype).view(1, -1, 1, 1).expand(batch, -1, queries, 1)
+        bias = torch.cat([bias.expand(-1, self.heads, -1, -1), sink], -1)
+
+        def with_zero(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[3])], 2)
+
+        return with_zero(keys), with_zero(values), bias
+
 
 class RotaryAttention(PagedAttention):
-    """Llama-style attention: rope on every layer, optional per-head q/k RMSNorm (Qwen3) before it."""
+    """Llama-style attention: rope on every layer, optional per-head q/k RMSNorm (Qwen3) before it,
+    projections with biases where the config says so (GPT-OSS)."""
 
     def __init__(self, config: ModelConfig, layer: int, qk_norm: bool) -> None:
         super().__init__(config, layer)
-        hidden, dim = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, self.heads * dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * dim, hidden, bias=False)
+        hidden, dim, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.heads * dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * dim, hidden, bias=bias)
         if qk_norm:
             self.q_norm = RMSNorm(dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(dim, config.rms_norm_eps)
@@ -251,7 +283,8 @@ class RouterModel(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        inv_freq, self.rope_scale = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def make_layer(self, config: ModelConfig, layer: int) -> nn.Module:
         raise NotImplementedError
@@ -261,12 +294,14 @@ class RouterModel(nn.Module):
 
     def init_buffers(self, device: torch.device) -> None:
         """Non-persistent buffers, recomputed on `device` after a load from the meta device."""
-        self.inv_freq = rope_inv_freq(self.config, device)
+        self.inv_freq = rope_frequencies(self.config, device)[0]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         freqs = positions[:, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        if self.rope_scale == 1.0:
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
     def forward(
         self,

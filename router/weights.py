@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 
 from experts.checkpoint import CheckpointError, CheckpointReader
+from experts.kind import ExpertKind
 from router.config import ModelConfig, adapter
 from router.layers import RouterModel
 
 # the gates read fp32 states
-FP32_PARAMS = ("norm.weight", ".gate.weight", "expert_bias", "e_score_correction_bias")
+FP32_PARAMS = (
+    "norm.weight",
+    ".gate.weight",
+    "expert_bias",
+    "e_score_correction_bias",
+    "mlp.router.weight",
+    "mlp.router.bias",
+)
 
 
 def load_router_model(
@@ -42,3 +50,14 @@ def _stored_name(reader: CheckpointReader, name: str, aliases: tuple[tuple[str, 
         if reader.has(candidate):
             return candidate
     raise CheckpointError(f"{reader.model_dir}: missing tensor {name}")
+
+
+def expert_kind(config: ModelConfig) -> ExpertKind:
+    """What the config's routed experts compute and how its checkpoint stores them, for ExpertShard.load."""
+    return ExpertKind(
+        activation=config.expert_activation,
+        alpha=config.swiglu_alpha,
+        limit=config.swiglu_limit,
+        biases=config.expert_biases,
+        interleaved=config.experts_interleaved,
+    )

@@ -89,6 +89,34 @@ FAMILY_PARITY_CONFIGS: dict[str, tuple[str, dict]] = {
             sliding_window=4,
         ),
     ),
+    # sliding window 4 on layers 0 and 2, YaRN over a 16-token original context (prompts reach 45),
+    # router bias, sinks and biases non-zero (the writer draws them), a clamp the experts reach
+    "gpt-oss-gqa-window4-yarn-top3": (
+        "gpt_oss",
+        dict(
+            hidden_size=48,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            num_local_experts=7,
+            num_experts_per_tok=3,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            swiglu_limit=0.5,
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        ),
+    ),
     "qwen3-mqa-tied-sparse-step2-top3": (
         "qwen3_moe",
         dict(

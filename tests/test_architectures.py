@@ -4,6 +4,7 @@ core runs in this process (tests/toolkit.py local_core)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,14 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, GptOssConfig, Qwen3MoeForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from cluster.demo import FAMILIES, write_checkpoint
 from experts.checkpoint import CheckpointReader
 from experts.shard import ExpertShard
 from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from router.gpt_oss import DEFAULT_THETA
+from router.layers import rope_frequencies
+from router.rope import RopeScaling
 from router.tokenizer import Tokenizer
+from router.weights import expert_kind
 from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy, hf_reference
 from tests.toolkit import checkout_cli, local_core
 
@@ -46,7 +52,7 @@ def test_each_family_is_chosen_from_architectures(family_checkpoints) -> None:
 
 
 def test_an_unsupported_architecture_is_refused_with_the_supported_list(family_checkpoints) -> None:
-    raw = _raw(family_checkpoints["mixtral-gqa-window4-top2"]) | {"architectures": ["GptOssForCausalLM"]}
+    raw = _raw(family_checkpoints["mixtral-gqa-window4-top2"]) | {"architectures": ["Glm4MoeForCausalLM"]}
     with pytest.raises(ConfigError, match="unsupported architecture") as err:
         ModelConfig.from_dict(raw)
     assert all(arch in str(err.value) for arch in SUPPORTED_ARCHITECTURES)
@@ -56,20 +62,26 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_list(family_c
     ("field", "value", "message"),
     [
         ("quantization_config", {"quant_method": "fp8"}, "quantization_config"),
+        ("quantization_config", {"quant_method": "mxfp4"}, "quantization_config"),  # gpt-oss' published
         (
             "rope_parameters",
-            {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
-            "rope_parameters.rope_type",
+            {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0},
+            "rope_parameters.rope_type 'longrope'",
         ),
         ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_scaling type 'dynamic'"),
         ("hidden_act", "gelu", "hidden_act 'gelu'"),
-        ("attention_bias", True, "attention_bias"),
     ],
 )
 @pytest.mark.parametrize("name", list(FAMILY_PARITY_CONFIGS))
 def test_unsupported_fields_are_a_load_error_naming_them(family_checkpoints, name, field, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         ModelConfig.from_dict(_raw(family_checkpoints[name]) | {field: value})
+
+
+@pytest.mark.parametrize("name", [n for n, (f, _) in FAMILY_PARITY_CONFIGS.items() if f != "gpt_oss"])
+def test_attention_biases_are_refused_outside_gpt_oss(family_checkpoints, name) -> None:
+    with pytest.raises(ConfigError, match="attention_bias"):
+        ModelConfig.from_dict(_raw(family_checkpoints[name]) | {"attention_bias": True})
 
 
 def test_qwen3_sliding_window_is_refused(family_checkpoints) -> None:
@@ -102,7 +114,7 @@ def _fused_copy(checkpoint: Path, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("name", list(FAMILY_PARITY_CONFIGS))
+@pytest.mark.parametrize("name", [n for n, (f, _) in FAMILY_PARITY_CONFIGS.items() if f != "gpt_oss"])
 def test_fused_and_per_expert_layouts_give_the_same_tokens(family_checkpoints, tmp_path, name) -> None:
     torch.set_num_threads(1)
     written = family_checkpoints[name]
@@ -163,6 +175,83 @@ def test_demo_model_refuses_an_unknown_arch(tmp_path) -> None:
     assert not (tmp_path / "m").exists()
 
 
+GPT_OSS = "gpt-oss-gqa-window4-yarn-top3"
+
+
+def test_gpt_oss_experts_load_from_the_interleaved_layout_and_compute_as_transformers(
+    family_checkpoints,
+) -> None:
+    """save_pretrained writes GPT-OSS's experts fused only ([E, H, 2I], gate and up in alternating
+    columns, with biases): a shard of some of them computes what transformers' experts module does."""
+    written = family_checkpoints[GPT_OSS]
+    reader = CheckpointReader(written)
+    names = reader.names()
+    assert not any(re.search(r"\.experts\.\d+\.", n) for n in names)
+    config = ModelConfig.from_model_dir(written)
+    prefix = "model.layers.1.mlp.experts"
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    assert reader.shape(f"{prefix}.gate_up_proj") == (config.num_experts, hidden, 2 * inter)
+    owned = [1, 4, 6]
+    shard = ExpertShard.load(reader, config.moe_layers, owned, torch.float32, expert_kind(config))
+    reference = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    experts = reference.model.layers[1].mlp.experts
+    assert experts.gate_up_proj_bias.abs().min() > 0 and experts.limit == 0.5
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, hidden, generator=gen) * 4  # large enough to reach the clamp
+    local = torch.stack([torch.randperm(len(owned), generator=gen)[:2] for _ in range(12)])
+    weights = torch.rand(12, 2, generator=gen)
+    with torch.no_grad():
+        expected = experts(rows, torch.tensor(owned)[local], weights)
+    assert torch.allclose(shard.forward(1, rows, local, weights), expected, atol=1e-5)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        YARN | {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+        YARN | {"beta_fast": 8.0, "beta_slow": 2.0},  # truncated correction range (the default)
+        YARN | {"mscale": 1.0, "mscale_all_dim": 0.5},
+        YARN | {"attention_factor": 0.8, "rope_theta": 150000.0},
+    ],
+)
+def test_yarn_frequencies_and_scale_are_transformers_own(family_checkpoints, rope) -> None:
+    raw = _raw(family_checkpoints[GPT_OSS]) | {"head_dim": 32, "rope_parameters": rope}
+    expected_freq, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](GptOssConfig.from_dict(raw))
+    config = ModelConfig.from_dict(raw)
+    freq, scale = rope_frequencies(config)
+    assert torch.equal(freq, expected_freq) and scale == pytest.approx(expected_scale, rel=1e-12)
+    default = rope_frequencies(dataclasses.replace(config, rope=RopeScaling()))
+    assert scale != 1.0 and not torch.equal(freq, default[0])
+
+
+def test_gpt_oss_legacy_rope_scaling_is_read_as_yarn(family_checkpoints) -> None:
+    """Published gpt-oss configs carry YaRN as `rope_scaling` beside a top-level rope_theta."""
+    raw = _raw(family_checkpoints[GPT_OSS])
+    legacy = raw | {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": raw["rope_parameters"]}
+    assert ModelConfig.from_dict(legacy) == ModelConfig.from_dict(raw)
+    assert ModelConfig.from_dict(raw).rope.rope_type == "yarn"
+    unset = {k: v for k, v in raw.items() if k != "rope_parameters"}  # GptOssConfig's default YaRN
+    expected = ROPE_INIT_FUNCTIONS["yarn"](GptOssConfig.from_dict(unset))
+    config = ModelConfig.from_dict(unset)
+    freq, scale = rope_frequencies(config)
+    assert config.rope_theta == DEFAULT_THETA and config.rope.factor == 32.0
+    assert torch.equal(freq, expected[0]) and scale == pytest.approx(expected[1], rel=1e-12)
+
+
+def test_mixtral_with_yarn_rope_equals_transformers(tmp_path) -> None:
+    """The other families take YaRN through the same rope code."""
+    torch.set_num_threads(1)
+    _, cfg = FAMILY_PARITY_CONFIGS["mixtral-gqa-window4-top2"]
+    yarn = {"max_position_embeddings": 64, "rope_parameters": YARN}
+    written = write_checkpoint(tmp_path / "m", cfg | yarn, seed=3, family="mixtral")
+    assert ModelConfig.from_model_dir(written).rope.rope_type == "yarn"
+    reference = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
+    core = local_core(written, shards=2, max_num_batched_tokens=8)
+    [seq] = core.generate([PROMPT], [_greedy(12)])
+    assert seq.output_ids == hf_greedy(reference, PROMPT, 12)
 # DeepSeek-V3's other switches, checked in this process (the Ray parity config is in FAMILY_PARITY_CONFIGS):
 # q_proj instead of a low-rank query, rope on halves, weights not renormalised, 9 experts in 3 groups
 # of which 2 are kept, 2 shared experts, tied embeddings.

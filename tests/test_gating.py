@@ -1,10 +1,13 @@
 import pytest
 import torch
-from transformers import AfmoeConfig, DeepseekV3Config
+from transformers import AfmoeConfig, DeepseekV3Config, GptOssConfig
 from transformers.models.afmoe.modeling_afmoe import AfmoeTokenChoiceRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 
-from router.gating import GATING, afmoe_sigmoid_topk, softmax_topk
+from router.config import ModelConfig
+from router.gating import GATING, afmoe_sigmoid_topk, softmax_topk, topk_softmax
+from router.gpt_oss import BiasedGate
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -112,9 +115,33 @@ def test_gating_runs_in_fp32_for_bf16_logits() -> None:
         assert ids.dtype == torch.int64 and weights.dtype == torch.float32
 
 
-def test_gating_table_names_both_functions() -> None:
+def test_gating_table_names_the_functions() -> None:
     assert GATING["afmoe_sigmoid"] is afmoe_sigmoid_topk
     assert GATING["softmax"] is softmax_topk
+    assert GATING["topk_softmax"] is topk_softmax
+
+
+@pytest.mark.parametrize(("num_experts", "k"), [(7, 2), (32, 4)])
+def test_gpt_oss_router_matches_transformers(num_experts: int, k: int) -> None:
+    """Top-k of the biased logits, softmax over those k only: the bias moves selection and weights."""
+    hidden = 16
+    fields = dict(hidden_size=hidden, num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=8)
+    raw = fields | dict(num_hidden_layers=1, intermediate_size=8, num_local_experts=num_experts,
+                        num_experts_per_tok=k, architectures=["GptOssForCausalLM"])  # fmt: skip
+    reference = GptOssTopKRouter(GptOssConfig(**raw))
+    gate = BiasedGate(ModelConfig.from_dict(raw))
+    gen = torch.Generator().manual_seed(num_experts)
+    with torch.no_grad():
+        for param in (reference.weight, reference.bias):
+            param.copy_(torch.randn(param.shape, generator=gen))
+        gate.load_state_dict(reference.state_dict())
+        x = torch.randn(50, hidden, generator=gen)
+        _, ref_weights, ref_ids = reference(x)
+        ids, weights = gate(x)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-6)
+    unbiased_ids, _ = topk_softmax(torch.nn.functional.linear(x, gate.weight), None, k, 1.0)
+    assert not torch.equal(unbiased_ids, ids)
 
 
 def _deepseek_router(num_experts: int, k: int, n_group: int, topk_group: int, norm: bool, scale: float):

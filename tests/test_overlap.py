@@ -17,7 +17,7 @@ from router.kv_cache import KVCache
 from router.micro_batch import interleave, split_point
 from router.sampling import SamplingParams
 from router.scheduler import SchedulerConfig
-from router.weights import load_router_model
+from router.weights import expert_kind, load_router_model
 from tests.conftest import hf_greedy
 
 
@@ -57,7 +57,8 @@ def _core(model_dir, overlap: bool, shards: int = 2) -> EngineCore:
     cpu, dtype = torch.device("cpu"), torch.float32
     placement = ExpertPlacement(config.num_experts, shards)
     loaded = [
-        ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)
+        ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype, expert_kind(config))
+        for s in range(shards)
     ]
     cache = KVCache(config, default_cache_bytes(config, 8, 128, 4, dtype), 8, 4, dtype, cpu)
     model = load_router_model(reader, config, dtype, cpu)

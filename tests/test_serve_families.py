@@ -1,9 +1,11 @@
 """Random checkpoints of the other families (from `demo-model --arch`'s writer) through the commands:
-Qwen3-MoE through `generate` and through the same Serve app with the real openai client, Mixtral
-through `batch`; greedy tokens equal transformers' own."""
+Qwen3-MoE through `generate`, Mixtral through `batch`, and Qwen3-MoE, Mixtral and GPT-OSS each through
+the same Serve app with the real openai client; greedy tokens equal transformers' own. For Mixtral and
+GPT-OSS the per-expert load and rank-imbalance metrics are read back from Ray's metrics export."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +14,14 @@ import openai
 import pytest
 import ray
 import torch
-from transformers import MixtralForCausalLM, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM
 
 from cluster.demo import write_checkpoint
 from router.config import ModelConfig
 from router.tokenizer import Tokenizer
 from tests.conftest import hf_greedy, served_app, served_model, small_app
 from tests.test_batch import read_output
-from tests.toolkit import checkout_cli
+from tests.toolkit import checkout_cli, scrape, wait_for
 
 PROMPTS = ["The experts", "def read_config(path):"]
 NEW_TOKENS = 16
@@ -28,6 +30,18 @@ NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def qwen3_model(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("qwen3") / "model", {}, seed=4, family="qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def mixtral_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mixtral") / "model"
+    return write_checkpoint(path, {"sliding_window": 6}, seed=5, family="mixtral")
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gpt_oss") / "model"
+    return write_checkpoint(path, {"sliding_window": 8}, seed=6, family="gpt_oss")
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +78,8 @@ def test_generate_takes_a_qwen3_moe_checkpoint(ray_cluster, qwen3_model, referen
         _assert_greedy(qwen3_model, reference, ids, record["token_ids"])
 
 
-def test_batch_takes_a_mixtral_checkpoint(ray_cluster, tmp_path) -> None:
-    model = write_checkpoint(tmp_path / "mixtral", {"sliding_window": 6}, seed=5, family="mixtral")
+def test_batch_takes_a_mixtral_checkpoint(ray_cluster, mixtral_model, tmp_path) -> None:
+    model = mixtral_model
     reference = MixtralForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     prompts = [[5 + (7 * n + k) % 300 for k in range(3 + 4 * n)] for n in range(4)]  # some past the window
     records = [{"id": f"r{n}", "prompt": p, "max_tokens": NEW_TOKENS} for n, p in enumerate(prompts)]
@@ -103,3 +117,45 @@ def test_qwen3_moe_served_with_openai_client_equals_transformers(qwen3_model, qw
         [choice] = out.choices
         assert out.usage.completion_tokens == NEW_TOKENS
         assert choice.text == tokenizer.decode(expected), prompt
+
+
+def test_mixtral_and_gpt_oss_served_with_openai_client_equal_transformers_and_count_their_experts(
+    serve_http, metrics_export_port, mixtral_model, gpt_oss_model
+) -> None:
+    """One request through each family's app (both up at once, so their metrics arrive together);
+    then moe_expert_tokens counts every (token, expert) pair of every MoE layer, under expert ids of
+    that model, and moe_expert_imbalance has one series per MoE layer."""
+    with contextlib.ExitStack() as apps:
+        expected_pairs = {}
+        for family, model_dir in (("mixtral", mixtral_model), ("gpt-oss", gpt_oss_model)):
+            config = ModelConfig.from_model_dir(model_dir)
+            assert config.num_experts % 2  # no even split over the 2 shards
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            tokenizer = Tokenizer.from_model_dir(model_dir)
+            ids = tokenizer.encode(PROMPTS[1])
+            name = f"served-{family}"
+            options = small_app(
+                model_dir, expert_shards=2, max_model_len=128, max_num_seqs=8, served_model_name=name
+            )
+            url = apps.enter_context(served_app(serve_http, name, options))
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+            out = client.completions.create(
+                model=name, prompt=ids, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            )
+            assert out.choices[0].text == tokenizer.decode(hf_greedy(reference, ids, NEW_TOKENS)), family
+            computed = len(ids) + NEW_TOKENS - 1  # the last sampled token is not fed back
+            expected_pairs[name] = (config, computed * config.num_experts_per_tok * len(config.moe_layers))
+
+        def per_expert(name: str) -> dict[str, float]:
+            return {s["expert"]: v for s, v in scrape(metrics_export_port, "moe_expert_tokens", model=name)}
+
+        def all_counted() -> bool:
+            return all(sum(per_expert(n).values()) == pairs for n, (_, pairs) in expected_pairs.items())
+
+        assert wait_for(all_counted, 60, 1.0), {n: per_expert(n) for n in expected_pairs}
+        for name, (config, _) in expected_pairs.items():
+            assert set(per_expert(name)) <= {str(e) for e in range(config.num_experts)}
+            assert len(per_expert(name)) > config.num_experts_per_tok  # routing depends on the token
+            imbalance = scrape(metrics_export_port, "moe_expert_imbalance", model=name)
+            assert sorted(s["layer"] for s, _ in imbalance) == sorted(map(str, config.moe_layers)), name
+            assert all(1.0 <= v <= 2.0 for _, v in imbalance)  # max / mean over 2 ranks

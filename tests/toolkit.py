@@ -37,7 +37,7 @@ from router.exchange import LocalExperts
 from router.kv_cache import KVCache
 from router.sampling import SamplingParams
 from router.scheduler import Scheduler, SchedulerConfig
-from router.weights import load_router_model
+from router.weights import expert_kind, load_router_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,10 @@ def local_core(
     cpu = torch.device("cpu")
     placement = ExpertPlacement(config.num_experts, shards)
     experts = LocalExperts(
-        [ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(shards)],
+        [
+            ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype, expert_kind(config))
+            for s in range(shards)
+        ],
         placement,
     )
     cache_bytes = default_cache_bytes(config, max_num_seqs, max_model_len, 16, dtype)
@@ -127,6 +130,24 @@ class StubCore:
 
     def step(self) -> list[TokenEvent]:
         return []
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def scrape(metrics_port: int, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric `name` (as Ray exports it, `ray_` prefixed, a counter
+    with its `_total`) that the Ray node's metrics export port serves with these `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in (f"ray_{name}", f"ray_{name}_total")
+        and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 # -------------------------------------------------------------------------------------------- waiting

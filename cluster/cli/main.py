@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("path", type=Path)
     demo.add_argument(
-        "--arch", help="a random model of this family: afmoe, mixtral, qwen3_moe or deepseek_v3"
+        "--arch", help="a random model of this family: afmoe, mixtral, qwen3_moe, gpt_oss or deepseek_v3"
     )
     demo.add_argument("--seed", type=int, default=0, help="the random model's seed (with --arch)")
     demo.set_defaults(run=cmd_demo_model)

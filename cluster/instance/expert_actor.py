@@ -20,6 +20,7 @@ from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
 from router.expert_loop import run_expert_loop
+from router.weights import expert_kind
 
 
 @ray.remote
@@ -32,7 +33,11 @@ class ExpertActor:
         self.top_k = model.num_experts_per_tok
         self.dtype = config.torch_dtype
         shard_weights = ExpertShard.load(
-            CheckpointReader(config.model_path), model.moe_layers, placement.experts_of(shard), self.dtype
+            CheckpointReader(config.model_path),
+            model.moe_layers,
+            placement.experts_of(shard),
+            self.dtype,
+            expert_kind(model),
         )
         self.shard = shard_weights.to(device_for(config.use_gpu))
         self.metrics = ExpertMetrics(model_instance_id(), shard) if config.metrics else None
