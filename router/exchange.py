@@ -39,15 +39,32 @@ class DispatchPlan:
 
 
 def plan_dispatch(ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPlacement) -> DispatchPlan:
-    shard = placement.shard_of[ids]
+    shard, slot = choose_replicas(ids, placement)
     hit = torch.zeros(ids.shape[0], placement.num_shards, dtype=torch.bool, device=ids.device)
     hit.scatter_(1, shard, True)
     row_shard, token = hit.T.nonzero(as_tuple=True)  # sorted by shard, then token
     match = shard[token] == row_shard[:, None]
-    local_ids = torch.where(match, placement.local_index[ids[token]], -1)
+    local_ids = torch.where(match, slot[token], -1)
     row_weights = torch.where(match, weights[token], 0.0)
     counts = hit.sum(0).tolist()
     return DispatchPlan(token, local_ids, row_weights.float(), counts)
+
+
+def choose_replicas(ids: torch.Tensor, placement: ExpertPlacement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shard, slot) [T, k] serving each (token, expert): the n-th pair of the batch routed to expert e
+    goes to e's replica n mod (replicas of e), so an expert's tokens split evenly and deterministically."""
+    replica_shard = placement.replica_shard.to(ids.device)
+    replica_slot = placement.replica_slot.to(ids.device)
+    if replica_shard.shape[1] == 1:
+        return replica_shard[ids, 0], replica_slot[ids, 0]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    per_expert = torch.bincount(flat, minlength=placement.num_experts)
+    starts = per_expert.cumsum(0) - per_expert
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
+    replica = (position % placement.replica_count.to(ids.device)[flat]).view_as(ids)
+    return replica_shard[ids, replica], replica_slot[ids, replica]
 
 
 def pack_rows(hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

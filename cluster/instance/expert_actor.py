@@ -28,7 +28,9 @@ class ExpertActor:
         limit_threads(config.expert_cpus)
         self.config, self.shard_index = config, shard
         model = ModelConfig.from_model_dir(config.model_path)
-        placement = ExpertPlacement(model.num_experts, config.expert_shards, config.placement)
+        placement = ExpertPlacement(
+            model.num_experts, config.expert_shards, config.placement, config.redundant_experts
+        )
         self.top_k = model.num_experts_per_tok
         self.dtype = config.torch_dtype
         shard_weights = ExpertShard.load(

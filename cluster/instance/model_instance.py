@@ -77,7 +77,9 @@ class ModelInstance:
             config.max_num_batched_tokens,
         )
         self.transport, self._serving = self._form_group()
-        placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
+        placement = ExpertPlacement(
+            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
+        )
         experts = TransportExperts(
             self.transport,
             placement,
