@@ -62,6 +62,35 @@ class ExpertShard:
             down.append(dn)
         return cls(gate_up, down)
 
+    def reslot(
+        self,
+        reader: CheckpointReader,
+        layers: list[int],
+        held: list[int],
+        expert_ids: list[int],
+    ) -> tuple["ExpertShard", int]:
+        """A new shard with experts `expert_ids` in its slots, built beside this one (which holds `held`,
+        and is not written): an expert it holds is copied, the others are read from the checkpoint.
+        Returns it and the bytes read from the checkpoint."""
+        where = {expert: slot for slot, expert in enumerate(held)}
+        new = [e for e in expert_ids if e not in where]
+        fresh = ExpertShard.load(reader, layers, new, self.gate_up[0].dtype) if new else None
+        source = [where.get(e, -1) for e in expert_ids]
+        fresh_slot = {e: i for i, e in enumerate(new)}
+        gate_up, down = [], []
+        for layer in range(self.num_layers):
+            parts_gu, parts_dn = [], []
+            for expert, slot in zip(expert_ids, source, strict=True):
+                if slot >= 0:
+                    parts_gu.append(self.gate_up[layer][slot])
+                    parts_dn.append(self.down[layer][slot])
+                else:
+                    parts_gu.append(fresh.gate_up[layer][fresh_slot[expert]].to(self.gate_up[0].device))
+                    parts_dn.append(fresh.down[layer][fresh_slot[expert]].to(self.gate_up[0].device))
+            gate_up.append(torch.stack(parts_gu))
+            down.append(torch.stack(parts_dn))
+        return ExpertShard(gate_up, down, self.grouped), fresh.nbytes() if fresh else 0
+
     def to(self, device: torch.device) -> "ExpertShard":
         return ExpertShard([t.to(device) for t in self.gate_up], [t.to(device) for t in self.down])
 

@@ -38,8 +38,10 @@ class DispatchPlan:
     shard_counts: list[int]  # rows per shard
 
 
-def plan_dispatch(ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPlacement) -> DispatchPlan:
-    shard, slot = choose_replicas(ids, placement)
+def plan_dispatch(
+    ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPlacement, offset: torch.Tensor | None = None
+) -> DispatchPlan:
+    shard, slot = choose_replicas(ids, placement, offset)
     hit = torch.zeros(ids.shape[0], placement.num_shards, dtype=torch.bool, device=ids.device)
     hit.scatter_(1, shard, True)
     row_shard, token = hit.T.nonzero(as_tuple=True)  # sorted by shard, then token
@@ -50,9 +52,12 @@ def plan_dispatch(ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPla
     return DispatchPlan(token, local_ids, row_weights.float(), counts)
 
 
-def choose_replicas(ids: torch.Tensor, placement: ExpertPlacement) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_replicas(
+    ids: torch.Tensor, placement: ExpertPlacement, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(shard, slot) [T, k] serving each (token, expert): the n-th pair of the batch routed to expert e
-    goes to e's replica n mod (replicas of e), so an expert's tokens split evenly and deterministically."""
+    goes to e's replica (offset[e] + n) mod (replicas of e). With `offset` the pairs routed to e before
+    (ExpertLoad), an expert's pairs go round robin over its replicas across batches, small ones too."""
     replica_shard = placement.replica_shard.to(ids.device)
     replica_slot = placement.replica_slot.to(ids.device)
     if replica_shard.shape[1] == 1:
@@ -61,10 +66,36 @@ def choose_replicas(ids: torch.Tensor, placement: ExpertPlacement) -> tuple[torc
     order = torch.argsort(flat, stable=True)
     per_expert = torch.bincount(flat, minlength=placement.num_experts)
     starts = per_expert.cumsum(0) - per_expert
+    if offset is not None:
+        starts = starts - offset.to(ids.device)
     position = torch.empty_like(flat)
     position[order] = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
     replica = (position % placement.replica_count.to(ids.device)[flat]).view_as(ids)
     return replica_shard[ids, replica], replica_slot[ids, replica]
+
+
+class ExpertLoad:
+    """(token, expert) pairs routed to each expert of each MoE layer since the last `take`: the
+    balancer's input, and where in its replicas' round robin each expert stands."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def offset(self, layer: int) -> torch.Tensor | None:
+        return self._layers.get(layer)
+
+    def add(self, layer: int, ids: torch.Tensor) -> None:
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        total = self._layers.get(layer)
+        self._layers[layer] = counts if total is None else total + counts
+
+    def take(self) -> torch.Tensor:
+        """[num_experts] int64 on the CPU, summed over the MoE layers; starts a new window."""
+        layers, self._layers = self._layers, {}
+        if not layers:
+            return torch.zeros(self.num_experts, dtype=torch.int64)
+        return torch.stack(list(layers.values())).sum(0).cpu()
 
 
 def pack_rows(hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -112,6 +143,7 @@ class RoutedExperts(Protocol):
     """What the model calls for the routed part of a MoE layer."""
 
     placement: ExpertPlacement
+    load: ExpertLoad
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tag: int = 0
@@ -152,6 +184,8 @@ class TransportExperts:
             )
         self.transport = transport
         self.placement = placement
+        self.version = 0  # of the placement: the expert ranks' slots follow it through SWITCH
+        self.load = ExpertLoad(placement.num_experts)
         self.top_k = top_k
         self.stats = ExchangeStats()
         self.keepalive_s = keepalive_s
@@ -169,8 +203,17 @@ class TransportExperts:
         stats, self.stats = self.stats, ExchangeStats()
         return stats
 
+    def switch(self, placement: ExpertPlacement, version: int) -> None:
+        """From the next dispatch on, `placement`; each rank switches to the slots it prepared for
+        `version` when the SWITCH arrives, after every dispatch of the old placement."""
+        if placement.num_shards != self.placement.num_shards:
+            raise ValueError(f"placement has {placement.num_shards} shards, not {self.placement.num_shards}")
+        self._broadcast(Op.SWITCH, version)
+        self.placement, self.version = placement, version
+
     def dispatch(self, layer, hidden, ids, weights, tag=0):
-        plan = plan_dispatch(ids, weights, self.placement)
+        plan = plan_dispatch(ids, weights, self.placement, self.load.offset(layer))
+        self.load.add(layer, ids)
         payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
         ranks, counts, start, now = [], [], 0, time.monotonic()
         with self._comm(hidden, wait_for_main=True):
@@ -236,9 +279,9 @@ class TransportExperts:
         with torch.cuda.stream(self._comm_stream):
             yield
 
-    def _broadcast(self, op: Op) -> None:
+    def _broadcast(self, op: Op, layer: int = 0) -> None:
         for rank in range(1, self.transport.world_size):
-            self.transport.send(rank, head(op))
+            self.transport.send(rank, head(op, layer))
             self._last_sent[rank] = time.monotonic()
 
     def heartbeat(self) -> None:
@@ -265,6 +308,7 @@ class LocalExperts:
     def __init__(self, shards: list[ExpertShard], placement: ExpertPlacement) -> None:
         self.shards = shards
         self.placement = placement
+        self.load = ExpertLoad(placement.num_experts)
         self.stats = ExchangeStats()
 
     def take_stats(self) -> ExchangeStats:
@@ -275,7 +319,8 @@ class LocalExperts:
         return None
 
     def dispatch(self, layer, hidden, ids, weights, tag=0):
-        plan = plan_dispatch(ids, weights, self.placement)
+        plan = plan_dispatch(ids, weights, self.placement, self.load.offset(layer))
+        self.load.add(layer, ids)
         sent = Dispatched(layer, tag, plan.token_index, [], [])
         start = 0
         for rank, (shard, count) in enumerate(zip(self.shards, plan.shard_counts, strict=True), start=1):

@@ -21,6 +21,7 @@ from cluster.metrics.engine import EngineMetrics
 from cluster.metrics.experts import ExpertMetrics
 from cluster.serve import ingress, streaming
 from cluster.serve.protocol import OpenAIError
+from experts.placement import ExpertPlacement
 from router.engine_core import EngineCore
 from router.expert_loop import ExpertStats
 from router.sampling import SamplingParams
@@ -93,11 +94,13 @@ def run(core: EngineCore, metrics: EngineMetrics | None, prompts: dict[str, list
 
 
 def test_rank_imbalance_is_max_over_mean_per_rank():
-    shard_of = torch.tensor([0, 0, 1, 1])
-    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), shard_of, 2) == pytest.approx(2.0)
-    assert rank_imbalance(torch.tensor([1, 3, 2, 2]), shard_of, 2) == pytest.approx(1.0)
-    assert rank_imbalance(torch.tensor([3, 0, 1, 0]), shard_of, 2) == pytest.approx(1.5)
-    assert rank_imbalance(torch.zeros(4, dtype=torch.int64), shard_of, 2) is None
+    placement = ExpertPlacement(4, 2)  # experts 0, 1 on rank 1; 2, 3 on rank 2
+    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), placement) == pytest.approx(2.0)
+    assert rank_imbalance(torch.tensor([1, 3, 2, 2]), placement) == pytest.approx(1.0)
+    assert rank_imbalance(torch.tensor([3, 0, 1, 0]), placement) == pytest.approx(1.5)
+    assert rank_imbalance(torch.zeros(4, dtype=torch.int64), placement) is None
+    replicated = ExpertPlacement.from_slots(4, [[0, 1], [2, 3, 0]])  # expert 0's pairs split in two
+    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), replicated) == pytest.approx(1.0)
 
 
 def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_model):

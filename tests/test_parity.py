@@ -76,6 +76,35 @@ def test_redundant_experts_match_transformers(ray_cluster, checkpoints, referenc
     assert [c.token_ids for c in completions] == ref_tokens
 
 
+def test_online_rebalancing_mid_stream_changes_no_token(ray_cluster, checkpoints, references):
+    """A rebalance every 0.05 s while the greedy streams decode: the placement changes between steps,
+    the tokens stay transformers' own."""
+    name = "mup-gqa-untied-1dense"
+    _, ref_tokens = references[name]
+    with Engine(
+        checkpoints[name],
+        expert_shards=2,
+        placement="round_robin",
+        redundant_experts=3,
+        eplb_interval_s=0.05,
+        router_cpus=0.5,
+        expert_cpus=0.5,
+        dtype="float32",
+        max_num_batched_tokens=8,
+    ) as engine:
+        for _ in range(5):  # a rebalance takes effect only between two steps: while streams decode
+            completions = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+            assert [c.token_ids for c in completions] == ref_tokens
+            info = engine.info()
+            if info["eplb"]["rebalances"] >= 2:
+                break
+    assert info["eplb"]["rebalances"] >= 2
+    versions = {e["version"] for e in info["experts"]}
+    assert versions == {info["eplb"]["rebalances"]}  # every rank serves the router's latest placement
+    for before, after in info["eplb"]["imbalance"]:
+        assert after < before
+
+
 def test_rank_without_tokens(ray_cluster, checkpoints, references):
     """One token with top-2 routing on 4 shards: at least two expert ranks receive nothing."""
     name = "mha-tied-0dense-top2"

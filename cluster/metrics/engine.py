@@ -86,7 +86,6 @@ class EngineMetrics:
         self._experts_alive = experts_alive
         self._expert_restarts = expert_restarts
         self.flush_interval_s = flush_interval_s
-        self._shard_of, self._num_shards = core.placement.shard_of, core.placement.num_shards
         tags = {"model": model, "model_instance": instance}
 
         def counter(name: str, doc: str, *keys: str) -> Counter:
@@ -259,7 +258,7 @@ class EngineMetrics:
         for expert in totals.nonzero().flatten().tolist():
             self.expert_tokens.inc(int(totals[expert]), {"expert": str(expert)})
         for layer, tokens in counts.items():
-            ratio = rank_imbalance(tokens, self._shard_of, self._num_shards)
+            ratio = rank_imbalance(tokens, self.core.placement)
             if ratio is not None:
                 self._set(self.imbalance, ratio, {"layer": str(decoder_layer[layer])})
             if self.layer_expert_tokens is not None:

@@ -100,9 +100,12 @@ class EngineConfig(EngineOptions):
     @model_validator(mode="after")
     def _experts_fit(self) -> EngineConfig:
         from experts.placement import check_layout
-        from router.config import ModelConfig
+        from router.config import ConfigError, ModelConfig
 
-        experts = ModelConfig.from_model_dir(self.model_path).num_experts
+        try:
+            experts = ModelConfig.from_model_dir(self.model_path).num_experts
+        except ConfigError:
+            return self  # not a model the engine reads: its own checks say so where it starts
         check_layout(experts, self.expert_shards, self.redundant_experts)
         return self
 
