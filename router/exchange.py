@@ -36,6 +36,7 @@ class DispatchPlan:
     local_ids: torch.Tensor  # [P, k] int64, -1 where the slot's expert lives on another shard
     weights: torch.Tensor  # [P, k] fp32, 0 in unused slots
     shard_counts: list[int]  # rows per shard
+    shard_pairs: list[int]  # (token, expert) pairs per shard: its compute load
 
 
 def plan_dispatch(
@@ -48,8 +49,10 @@ def plan_dispatch(
     match = shard[token] == row_shard[:, None]
     local_ids = torch.where(match, slot[token], -1)
     row_weights = torch.where(match, weights[token], 0.0)
-    counts = hit.sum(0).tolist()
-    return DispatchPlan(token, local_ids, row_weights.float(), counts)
+    pairs = torch.zeros(placement.num_shards, dtype=torch.int64, device=ids.device)
+    pairs.index_add_(0, row_shard, match.sum(1))
+    counts, per_shard = torch.stack([hit.sum(0), pairs]).tolist()
+    return DispatchPlan(token, local_ids, row_weights.float(), counts, per_shard)
 
 
 def choose_replicas(
@@ -121,10 +124,17 @@ class ExchangeStats:
     payload_bytes: int = 0  # activations only: rows x hidden x dtype size
     meta_bytes: int = 0
     wait_seconds: float = 0.0  # blocked in combine: expert time the router's own work did not cover
+    rank_pairs: list[int] = field(default_factory=list)  # (token, expert) pairs each expert rank computed
 
     def add(self, other: ExchangeStats) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                width = max(len(mine), len(theirs))
+                mine, theirs = mine + [0] * (width - len(mine)), theirs + [0] * (width - len(theirs))
+                setattr(self, f.name, [a + b for a, b in zip(mine, theirs, strict=True)])
+            else:
+                setattr(self, f.name, mine + theirs)
 
 
 @dataclass
@@ -234,6 +244,7 @@ class TransportExperts:
                 payload.record_stream(torch.cuda.current_stream())
         self.stats.messages += len(ranks)
         _account(self.stats, start, hidden, payload.shape[1])
+        self.stats.add(ExchangeStats(rank_pairs=plan.shard_pairs))
         sent = Dispatched(layer, tag, plan.token_index, ranks, counts)
         self._in_flight.append(sent)
         return sent
