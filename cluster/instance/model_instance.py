@@ -25,7 +25,7 @@ from cluster.instance.resources import (
     transport_kind,
 )
 from cluster.metrics.common import model_instance_id
-from cluster.metrics.engine import EngineMetrics
+from cluster.metrics.engine import EngineMetrics, ExpertGroupState
 from cluster.options.engine import EngineConfig
 from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.per_peer import carrier
@@ -128,6 +128,7 @@ class ModelInstance:
                 self.experts_alive,
                 lambda: self.expert_restarts,
                 self.config.expert_layer_metrics,
+                group_state=self.group_state,
             )
 
     def _spawn_expert(self, shard: int) -> ray.actor.ActorHandle:
@@ -204,6 +205,27 @@ class ModelInstance:
         """The placement version the router dispatches with (0 until the first rebalance)."""
         core = getattr(self, "core", None)
         return core.experts.version if core is not None else 0
+
+    def group_state(self) -> ExpertGroupState:
+        """The expert ranks serving now and the logical experts none of them holds (metrics)."""
+        ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
+        dead = {shard for shard, ref in enumerate(self._serving) if ref in ended}
+        placement = self.core.experts.placement
+        held = {
+            e
+            for shard in range(placement.num_shards)
+            if shard not in dead
+            for e in placement.experts_of(shard)
+        }
+        eplb = self.rebalancer
+        last = eplb.done[-1] if eplb is not None and eplb.done else None
+        return ExpertGroupState(
+            ranks_in_group=self.config.expert_shards - len(dead),
+            experts_without_replica=placement.num_experts - len(held),
+            rebalances=len(eplb.done) if eplb is not None else 0,
+            rebalance_bytes=eplb.bytes_moved if eplb is not None else 0,
+            last_rebalance=(last.before, last.after) if last is not None else None,
+        )
 
     def experts_alive(self) -> bool:
         """False once any expert loop has ended (its actor died, or the group broke)."""
