@@ -243,14 +243,20 @@ def write_afmoe_checkpoint(path: str | Path, config: dict, seed: int = 0, tokeni
 
 
 def write_checkpoint(
-    path: str | Path, config: dict, seed: int = 0, tokenizer: bool = True, family: str = "afmoe"
+    path: str | Path,
+    config: dict,
+    seed: int = 0,
+    tokenizer: bool = True,
+    family: str = "afmoe",
+    hot_experts: tuple[int, ...] = (),
 ) -> Path:
     """Write a random model of `family` (a FAMILIES key) and the demo tokenizer to `path` with
     save_pretrained.
 
     Keys missing from `config` come from the family's defaults; vocab_size defaults to the demo
     tokenizer's size. Written atomically (see _write_atomically). Random routing that depends on the
-    token, for the tests.
+    token, for the tests. `hot_experts` (AFMoE): their expert_bias is raised by 1 in every MoE layer,
+    above any sigmoid score, so each token picks min(top-k, len(hot)) of them: a skewed load.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
@@ -260,6 +266,13 @@ def write_checkpoint(
     if tokenizer and full["vocab_size"] < len(tok):
         raise ValueError(f"vocab_size {full['vocab_size']} is smaller than the demo tokenizer's {len(tok)}")
     model = _build_model(full, seed, kind)
+    if hot_experts:
+        biases = [p for n, p in model.named_parameters() if n.endswith("expert_bias")]
+        if not biases:
+            raise ValueError(f"family {family!r} has no expert_bias to skew")
+        with torch.no_grad():
+            for bias in biases:
+                bias[list(hot_experts)] += 1.0
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -493,6 +493,62 @@ def experts() -> builder.Dashboard:
             ],
         ),
         Row(
+            "Redundant experts and rebalancing",
+            [
+                Panel(
+                    "Replicas per expert",
+                    "Slots holding each logical expert (1 without redundant experts); online "
+                    "rebalancing gives the hot experts more. Fewest over model instances shown.",
+                    [(f"min by (expert) ({m('ray_moe_expert_replicas')})", "expert {{expert}}")],
+                    "short",
+                ),
+                Panel(
+                    "Rebalancings and bytes loaded",
+                    "Online rebalancings of the expert placement since the replica started, and the "
+                    "expert weight bytes they read into new slots.",
+                    [
+                        (f"sum by (model_instance) ({m('ray_moe_expert_rebalances')})", "rebalances"),
+                        (
+                            f"sum by (model_instance) ({m('ray_moe_expert_rebalance_bytes')})",
+                            "bytes {{model_instance}}",
+                        ),
+                    ],
+                    "short",
+                ),
+                Panel(
+                    "Imbalance before and after the last rebalancing",
+                    "max / mean expert rank load on the last rebalancing's window, with the old "
+                    "placement and with the new one. Worst model instance shown.",
+                    [(f"max by (when) ({m('ray_moe_expert_rebalance_imbalance')})", "{{when}}")],
+                    "short",
+                    thresholds=[1.25],
+                ),
+                Panel(
+                    "Expert ranks in the group",
+                    "Expert ranks serving now per model instance; below the expert shard count while a "
+                    "rank is lost and its replacement loads.",
+                    [
+                        (
+                            f"min by (model_instance) ({m('ray_moe_expert_ranks_in_group')})",
+                            "{{model_instance}}",
+                        )
+                    ],
+                    "short",
+                ),
+                Panel(
+                    "Experts without a live replica, failovers",
+                    "Logical experts that no serving rank holds (0 normally: above 0 their tokens wait "
+                    "for a replacement actor), and the steps re-run on the surviving ranks.",
+                    [
+                        (f"max({m('ray_moe_experts_without_replica')})", "experts without replica"),
+                        (f"sum({m('ray_moe_expert_failovers')})", "failovers"),
+                    ],
+                    "short",
+                    thresholds=[1],
+                ),
+            ],
+        ),
+        Row(
             "Health",
             [
                 Panel(

@@ -100,6 +100,39 @@ class ExpertShard:
             return cls(gate_up, down, kind=kind)
         return cls(gate_up, down, kind=kind, gate_up_bias=gate_up_bias, down_bias=down_bias)
 
+    def reslot(
+        self,
+        reader: CheckpointReader,
+        layers: list[int],
+        held: list[int],
+        expert_ids: list[int],
+    ) -> tuple["ExpertShard", int]:
+        """A new shard with experts `expert_ids` in its slots, built beside this one (which holds `held`,
+        and is not written): an expert it holds is copied, the others are read from the checkpoint.
+        Returns it and the bytes read from the checkpoint."""
+        where = {expert: slot for slot, expert in enumerate(held)}
+        new = [e for e in expert_ids if e not in where]
+        dtype, device = self.gate_up[0].dtype, self.gate_up[0].device
+        fresh = ExpertShard.load(reader, layers, new, dtype, self.kind).to(device) if new else None
+        fresh_slot = {e: i for i, e in enumerate(new)}
+
+        ids, built = expert_ids, {}
+        for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+            mine, theirs = getattr(self, name), getattr(fresh, name, None)
+            built[name] = mine and [
+                torch.stack([mine[i][where[e]] if e in where else theirs[i][fresh_slot[e]] for e in ids])
+                for i in range(self.num_layers)
+            ]
+        shard = ExpertShard(
+            built["gate_up"],
+            built["down"],
+            self.grouped,
+            kind=self.kind,
+            gate_up_bias=built["gate_up_bias"],
+            down_bias=built["down_bias"],
+        )
+        return shard, fresh.nbytes() if fresh else 0
+
     def to(self, device: torch.device) -> "ExpertShard":
         def moved(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
             return None if tensors is None else [t.to(device) for t in tensors]

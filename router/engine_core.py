@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from experts.placement import ExpertPlacement
 from router.config import ModelConfig
 from router.errors import ContextLengthExceeded, InvalidRequest
 from router.exchange import RoutedExperts
@@ -57,7 +58,6 @@ class EngineCore:
         self.model = model
         self.cache = cache
         self.experts = experts
-        self.placement = experts.placement
         self.overlap_min_tokens = overlap_min_tokens if overlap else None
         self.profiler = StepProfiler(model) if profile else None
         self.scheduler = Scheduler(scheduler_config, cache)
@@ -67,6 +67,11 @@ class EngineCore:
         self._ids = itertools.count()
         self.totals = StepTotals()
         self.last_step: StepStats | None = None
+
+    @property
+    def placement(self) -> ExpertPlacement:
+        """The experts' placement now (online rebalancing replaces it between steps)."""
+        return self.experts.placement
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

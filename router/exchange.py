@@ -36,18 +36,69 @@ class DispatchPlan:
     local_ids: torch.Tensor  # [P, k] int64, -1 where the slot's expert lives on another shard
     weights: torch.Tensor  # [P, k] fp32, 0 in unused slots
     shard_counts: list[int]  # rows per shard
+    shard_pairs: list[int]  # (token, expert) pairs per shard: its compute load
 
 
-def plan_dispatch(ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPlacement) -> DispatchPlan:
-    shard = placement.shard_of[ids]
+def plan_dispatch(
+    ids: torch.Tensor, weights: torch.Tensor, placement: ExpertPlacement, offset: torch.Tensor | None = None
+) -> DispatchPlan:
+    shard, slot = choose_replicas(ids, placement, offset)
     hit = torch.zeros(ids.shape[0], placement.num_shards, dtype=torch.bool, device=ids.device)
     hit.scatter_(1, shard, True)
     row_shard, token = hit.T.nonzero(as_tuple=True)  # sorted by shard, then token
     match = shard[token] == row_shard[:, None]
-    local_ids = torch.where(match, placement.local_index[ids[token]], -1)
+    local_ids = torch.where(match, slot[token], -1)
     row_weights = torch.where(match, weights[token], 0.0)
-    counts = hit.sum(0).tolist()
-    return DispatchPlan(token, local_ids, row_weights.float(), counts)
+    pairs = torch.zeros(placement.num_shards, dtype=torch.int64, device=ids.device)
+    pairs.index_add_(0, row_shard, match.sum(1))
+    counts, per_shard = torch.stack([hit.sum(0), pairs]).tolist()
+    return DispatchPlan(token, local_ids, row_weights.float(), counts, per_shard)
+
+
+def choose_replicas(
+    ids: torch.Tensor, placement: ExpertPlacement, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shard, slot) [T, k] serving each (token, expert): the n-th pair of the batch routed to expert e
+    goes to e's replica (offset[e] + n) mod (replicas of e). With `offset` the pairs routed to e before
+    (ExpertLoad), an expert's pairs go round robin over its replicas across batches, small ones too."""
+    replica_shard = placement.replica_shard.to(ids.device)
+    replica_slot = placement.replica_slot.to(ids.device)
+    if replica_shard.shape[1] == 1:
+        return replica_shard[ids, 0], replica_slot[ids, 0]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    per_expert = torch.bincount(flat, minlength=placement.num_experts)
+    starts = per_expert.cumsum(0) - per_expert
+    if offset is not None:
+        starts = starts - offset.to(ids.device)
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
+    replica = (position % placement.replica_count.to(ids.device)[flat]).view_as(ids)
+    return replica_shard[ids, replica], replica_slot[ids, replica]
+
+
+class ExpertLoad:
+    """(token, expert) pairs routed to each expert of each MoE layer since the last `take`: the
+    balancer's input, and where in its replicas' round robin each expert stands."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def offset(self, layer: int) -> torch.Tensor | None:
+        return self._layers.get(layer)
+
+    def add(self, layer: int, ids: torch.Tensor) -> None:
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        total = self._layers.get(layer)
+        self._layers[layer] = counts if total is None else total + counts
+
+    def take(self) -> torch.Tensor:
+        """[num_experts] int64 on the CPU, summed over the MoE layers; starts a new window."""
+        layers, self._layers = self._layers, {}
+        if not layers:
+            return torch.zeros(self.num_experts, dtype=torch.int64)
+        return torch.stack(list(layers.values())).sum(0).cpu()
 
 
 def pack_rows(hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -73,10 +124,17 @@ class ExchangeStats:
     payload_bytes: int = 0  # activations only: rows x hidden x dtype size
     meta_bytes: int = 0
     wait_seconds: float = 0.0  # blocked in combine: expert time the router's own work did not cover
+    rank_pairs: list[int] = field(default_factory=list)  # (token, expert) pairs each expert rank computed
 
     def add(self, other: ExchangeStats) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                width = max(len(mine), len(theirs))
+                mine, theirs = mine + [0] * (width - len(mine)), theirs + [0] * (width - len(theirs))
+                setattr(self, f.name, [a + b for a, b in zip(mine, theirs, strict=True)])
+            else:
+                setattr(self, f.name, mine + theirs)
 
 
 @dataclass
@@ -95,6 +153,7 @@ class RoutedExperts(Protocol):
     """What the model calls for the routed part of a MoE layer."""
 
     placement: ExpertPlacement
+    load: ExpertLoad
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tag: int = 0
@@ -135,6 +194,8 @@ class TransportExperts:
             )
         self.transport = transport
         self.placement = placement
+        self.version = 0  # of the placement: the expert ranks' slots follow it through SWITCH
+        self.load = ExpertLoad(placement.num_experts)
         self.top_k = top_k
         self.stats = ExchangeStats()
         self.keepalive_s = keepalive_s
@@ -152,8 +213,17 @@ class TransportExperts:
         stats, self.stats = self.stats, ExchangeStats()
         return stats
 
+    def switch(self, placement: ExpertPlacement, version: int) -> None:
+        """From the next dispatch on, `placement`; each rank switches to the slots it prepared for
+        `version` when the SWITCH arrives, after every dispatch of the old placement."""
+        if placement.num_shards != self.placement.num_shards:
+            raise ValueError(f"placement has {placement.num_shards} shards, not {self.placement.num_shards}")
+        self._broadcast(Op.SWITCH, version)
+        self.placement, self.version = placement, version
+
     def dispatch(self, layer, hidden, ids, weights, tag=0):
-        plan = plan_dispatch(ids, weights, self.placement)
+        plan = plan_dispatch(ids, weights, self.placement, self.load.offset(layer))
+        self.load.add(layer, ids)
         payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
         ranks, counts, start, now = [], [], 0, time.monotonic()
         with self._comm(hidden, wait_for_main=True):
@@ -174,6 +244,7 @@ class TransportExperts:
                 payload.record_stream(torch.cuda.current_stream())
         self.stats.messages += len(ranks)
         _account(self.stats, start, hidden, payload.shape[1])
+        self.stats.add(ExchangeStats(rank_pairs=plan.shard_pairs))
         sent = Dispatched(layer, tag, plan.token_index, ranks, counts)
         self._in_flight.append(sent)
         return sent
@@ -219,9 +290,9 @@ class TransportExperts:
         with torch.cuda.stream(self._comm_stream):
             yield
 
-    def _broadcast(self, op: Op) -> None:
+    def _broadcast(self, op: Op, layer: int = 0) -> None:
         for rank in range(1, self.transport.world_size):
-            self.transport.send(rank, head(op))
+            self.transport.send(rank, head(op, layer))
             self._last_sent[rank] = time.monotonic()
 
     def heartbeat(self) -> None:
@@ -248,6 +319,7 @@ class LocalExperts:
     def __init__(self, shards: list[ExpertShard], placement: ExpertPlacement) -> None:
         self.shards = shards
         self.placement = placement
+        self.load = ExpertLoad(placement.num_experts)
         self.stats = ExchangeStats()
 
     def take_stats(self) -> ExchangeStats:
@@ -258,7 +330,8 @@ class LocalExperts:
         return None
 
     def dispatch(self, layer, hidden, ids, weights, tag=0):
-        plan = plan_dispatch(ids, weights, self.placement)
+        plan = plan_dispatch(ids, weights, self.placement, self.load.offset(layer))
+        self.load.add(layer, ids)
         sent = Dispatched(layer, tag, plan.token_index, [], [])
         start = 0
         for rank, (shard, count) in enumerate(zip(self.shards, plan.shard_counts, strict=True), start=1):

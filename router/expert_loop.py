@@ -34,10 +34,12 @@ def run_expert_loop(
     top_k: int,
     dtype: torch.dtype,
     on_dispatch: Callable[[ExpertStats], None] | None = None,
+    on_switch: Callable[[int], ExpertShard] | None = None,
 ) -> int:
     """Serves the router until STOP; returns the DISPATCH messages served.
 
-    `on_dispatch` gets the rank's counters after every one (metrics, which throttle themselves).
+    `on_dispatch` gets the rank's counters after every one (metrics, which throttle themselves);
+    `on_switch(version)` returns the shard to compute with from a SWITCH on (the slots prepared for it).
     """
     stats = ExpertStats()
     width = row_width(shard.hidden_size, top_k, dtype)
@@ -46,6 +48,9 @@ def run_expert_loop(
         if got[OP] == Op.STOP:
             return stats.dispatches
         if got[OP] == Op.HEARTBEAT:
+            continue
+        if got[OP] == Op.SWITCH and on_switch is not None:
+            shard = on_switch(got[LAYER])
             continue
         if got[OP] != Op.DISPATCH:
             raise TransportError(f"expert rank {transport.rank} got an unexpected message {got}")

@@ -25,6 +25,7 @@ class Op(IntEnum):
     DISPATCH = 1  # router -> expert: rows of one MoE layer (head[LAYER]) for one micro-batch (head[TAG])
     COMBINE = 2  # expert -> router: one partial sum per dispatched row, same LAYER and TAG
     HEARTBEAT = 3  # sent while idle, so expert ranks waiting for work never hit the timeout
+    SWITCH = 4  # router -> expert: use the slots prepared for placement version head[LAYER] from now on
 
 
 class Transport(Protocol):

@@ -180,6 +180,30 @@ FAMILY_PARITY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+# A skewed checkpoint: expert_bias draws every token to 2 of the 3 hot experts, which the static
+# contiguous placement of 8 experts on 4 shards puts on shards 0 (0, 1) and 1 (2).
+SKEWED_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_dense_layers=0,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+)
+HOT_EXPERTS = (0, 1, 2)
+
+
+@pytest.fixture(scope="session")
+def skewed_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("skewed") / "model"
+    return write_checkpoint(path, SKEWED_CONFIG, seed=3, hot_experts=HOT_EXPERTS)
+
+
 @pytest.fixture(scope="module")
 def one_compute_thread():
     """Tiny tensors: intra-op threads only add wake-up latency, a lot of it on a busy machine.

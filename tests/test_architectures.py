@@ -205,6 +205,23 @@ def test_gpt_oss_experts_load_from_the_interleaved_layout_and_compute_as_transfo
     assert torch.allclose(shard.forward(1, rows, local, weights), expected, atol=1e-5)
 
 
+def test_gpt_oss_experts_move_into_new_slots_with_their_biases(family_checkpoints) -> None:
+    """A rebalancing's reslot (copy held experts, read the rest) builds what a fresh load would."""
+    written = family_checkpoints[GPT_OSS]
+    reader, config = CheckpointReader(written), ModelConfig.from_model_dir(written)
+    kind = expert_kind(config)
+    live = ExpertShard.load(reader, config.moe_layers, [1, 4], torch.float32, kind)
+    moved, read = live.reslot(reader, config.moe_layers, [1, 4], [4, 0, 1])
+    fresh = ExpertShard.load(reader, config.moe_layers, [4, 0, 1], torch.float32, kind)
+    assert (
+        moved.kind == kind
+        and read == ExpertShard.load(reader, config.moe_layers, [0], torch.float32, kind).nbytes()
+    )
+    for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+        for got, want in zip(getattr(moved, name), getattr(fresh, name), strict=True):
+            assert torch.equal(got, want), name
+
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
 
 
@@ -252,6 +269,8 @@ def test_mixtral_with_yarn_rope_equals_transformers(tmp_path) -> None:
     core = local_core(written, shards=2, max_num_batched_tokens=8)
     [seq] = core.generate([PROMPT], [_greedy(12)])
     assert seq.output_ids == hf_greedy(reference, PROMPT, 12)
+
+
 # DeepSeek-V3's other switches, checked in this process (the Ray parity config is in FAMILY_PARITY_CONFIGS):
 # q_proj instead of a low-rank query, rope on halves, weights not renormalised, 9 experts in 3 groups
 # of which 2 are kept, 2 shared experts, tied embeddings.

@@ -143,6 +143,36 @@ def test_plan_dispatch_sends_each_token_once_per_destination_shard(
             assert -1 <= slot < placement.num_local(int(row_shard[r]))
 
 
+@pytest.mark.parametrize(("num_experts", "num_shards", "redundant"), [(10, 3, 4), (8, 2, 8), (6, 4, 18)])
+def test_plan_dispatch_spreads_an_expert_over_its_replicas(num_experts, num_shards, redundant) -> None:
+    k = 2
+    placement = ExpertPlacement(num_experts, num_shards, redundant=redundant)
+    gen = torch.Generator().manual_seed(num_experts + redundant)
+    ids, weights = _routing(41, k, list(range(num_experts)), gen)
+
+    plan = plan_dispatch(ids, weights, placement)
+
+    row_shard = torch.repeat_interleave(torch.arange(num_shards), torch.tensor(plan.shard_counts))
+    seen, served = set(), {}
+    for r in range(plan.token_index.numel()):
+        token, shard = int(plan.token_index[r]), int(row_shard[r])
+        assert (token, shard) not in seen, f"token {token} sent twice to shard {shard}"
+        seen.add((token, shard))
+        for slot, weight in zip(plan.local_ids[r].tolist(), plan.weights[r].tolist(), strict=True):
+            if slot >= 0:
+                expert = placement.experts_of(shard)[slot]
+                position = ids[token].tolist().index(expert)
+                assert weight == pytest.approx(float(weights[token, position]))
+                served.setdefault(expert, []).append((shard, slot))
+    for expert in range(num_experts):  # every (token, expert) pair served once, evenly over replicas
+        got = served.get(expert, [])
+        assert len(got) == int((ids == expert).sum())
+        per_replica = [got.count(replica) for replica in placement.replicas_of(expert)]
+        assert sum(per_replica) == len(got) and max(per_replica) - min(per_replica) <= 1
+    again = plan_dispatch(ids, weights, placement)
+    assert torch.equal(again.token_index, plan.token_index) and torch.equal(again.local_ids, plan.local_ids)
+
+
 def test_plan_dispatch_rows_are_grouped_by_shard_when_tokens_alternate() -> None:
     placement = ExpertPlacement(4, 2)  # experts 0, 1 on shard 0; 2, 3 on shard 1
     ids = torch.tensor([[2], [0], [3], [1], [2]])
@@ -212,12 +242,15 @@ def _edge_routings(placement: ExpertPlacement, k: int, gen: torch.Generator):
     yield "single token", *_routing(1, k, everyone, gen)
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 3, 4])
-@pytest.mark.parametrize("strategy", ["contiguous", "round_robin"])
-def test_local_experts_equal_dense_reference(num_shards: int, strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("num_shards", "strategy", "redundant"),
+    [(s, p, 0) for s in (1, 2, 3, 4) for p in ("contiguous", "round_robin")]
+    + [(3, "contiguous", 7), (2, "round_robin", 10)],
+)
+def test_local_experts_equal_dense_reference(num_shards: int, strategy: str, redundant: int) -> None:
     num_experts, k = 10, 3
     gen = torch.Generator().manual_seed(num_shards)
-    placement = ExpertPlacement(num_experts, num_shards, strategy)
+    placement = ExpertPlacement(num_experts, num_shards, strategy, redundant)
     gate_up, down = _experts(num_experts, gen)
     local = LocalExperts(_shards(placement, gate_up, down, torch.float32), placement)
     for name, ids, weights in _edge_routings(placement, k, gen):

@@ -261,3 +261,18 @@ def test_grouped_gemm_matches_the_per_expert_loop(dtype, tol):
     looped = ExpertShard(gate_up, down, grouped=False).forward(0, x, ids, weights)
     assert ExpertShard(gate_up, down).grouped is True  # auto: the CPU uses grouped_mm (measured faster)
     assert (grouped.float() - looped.float()).abs().max().item() < tol
+
+
+def test_reslot_copies_held_experts_reads_the_others_and_leaves_the_live_shard_alone(checkpoints) -> None:
+    reader = CheckpointReader(checkpoints.fused)
+    live = ExpertShard.load(reader, MOE_LAYERS, [2, 5, 7], torch.float32)
+    before = [t.clone() for t in live.gate_up]
+    new, read = live.reslot(reader, MOE_LAYERS, [2, 5, 7], [7, 0, 2, 9])
+    fresh = ExpertShard.load(reader, MOE_LAYERS, [7, 0, 2, 9], torch.float32)
+    for layer in range(2):
+        assert torch.equal(new.gate_up[layer], fresh.gate_up[layer])
+        assert torch.equal(new.down[layer], fresh.down[layer])
+        assert torch.equal(live.gate_up[layer], before[layer])
+        assert new.gate_up[layer].data_ptr() != live.gate_up[layer].data_ptr()
+    assert read == 2 * 2 * (2 * 16 * 32 + 32 * 16) * 4  # experts 0 and 9, two layers, fp32
+    assert live.reslot(reader, MOE_LAYERS, [2, 5, 7], [5, 2])[1] == 0

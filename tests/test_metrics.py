@@ -17,10 +17,11 @@ from cluster.metrics import engine as metrics_module
 from cluster.metrics import experts as expert_metrics
 from cluster.metrics import requests as request_metrics
 from cluster.metrics.common import rank_imbalance
-from cluster.metrics.engine import EngineMetrics
+from cluster.metrics.engine import EngineMetrics, ExpertGroupState
 from cluster.metrics.experts import ExpertMetrics
 from cluster.serve import ingress, streaming
 from cluster.serve.protocol import OpenAIError
+from experts.placement import ExpertPlacement
 from router.engine_core import EngineCore
 from router.expert_loop import ExpertStats
 from router.sampling import SamplingParams
@@ -93,11 +94,13 @@ def run(core: EngineCore, metrics: EngineMetrics | None, prompts: dict[str, list
 
 
 def test_rank_imbalance_is_max_over_mean_per_rank():
-    shard_of = torch.tensor([0, 0, 1, 1])
-    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), shard_of, 2) == pytest.approx(2.0)
-    assert rank_imbalance(torch.tensor([1, 3, 2, 2]), shard_of, 2) == pytest.approx(1.0)
-    assert rank_imbalance(torch.tensor([3, 0, 1, 0]), shard_of, 2) == pytest.approx(1.5)
-    assert rank_imbalance(torch.zeros(4, dtype=torch.int64), shard_of, 2) is None
+    placement = ExpertPlacement(4, 2)  # experts 0, 1 on rank 1; 2, 3 on rank 2
+    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), placement) == pytest.approx(2.0)
+    assert rank_imbalance(torch.tensor([1, 3, 2, 2]), placement) == pytest.approx(1.0)
+    assert rank_imbalance(torch.tensor([3, 0, 1, 0]), placement) == pytest.approx(1.5)
+    assert rank_imbalance(torch.zeros(4, dtype=torch.int64), placement) is None
+    replicated = ExpertPlacement.from_slots(4, [[0, 1], [2, 3, 0]])  # expert 0's pairs split in two
+    assert rank_imbalance(torch.tensor([4, 0, 0, 0]), replicated) == pytest.approx(1.0)
 
 
 def test_engine_metrics_aggregate_requests_steps_and_experts(recorded, demo_model):
@@ -208,6 +211,29 @@ def test_dropped_requests_leave_nothing_behind(recorded, demo_model):
     assert recorded["moe_time_to_first_token_seconds"].points == []
     assert recorded["moe_experts_alive"].last() == 0.0
     assert recorded["moe_expert_restarts"].last() == 2
+
+
+def test_expert_group_and_rebalancing_gauges(recorded, demo_model):
+    core = local_core(demo_model)
+    state = ExpertGroupState(
+        ranks_in_group=1,
+        experts_without_replica=3,
+        failovers=2,
+        rebalances=4,
+        rebalance_bytes=1000,
+        last_rebalance=(2.5, 1.1),
+    )
+    metrics = EngineMetrics(core, "demo", "i", lambda: False, lambda: 0, group_state=lambda: state)
+    metrics.idle()
+    replicas = recorded["moe_expert_replicas"]
+    assert {t["expert"]: v for v, t in replicas.points} == {str(e): 1 for e in range(core.config.num_experts)}
+    assert recorded["moe_expert_ranks_in_group"].last() == 1
+    assert recorded["moe_experts_without_replica"].last() == 3
+    assert recorded["moe_expert_failovers"].last() == 2
+    assert recorded["moe_expert_rebalances"].last() == 4
+    assert recorded["moe_expert_rebalance_bytes"].last() == 1000
+    imbalance = recorded["moe_expert_rebalance_imbalance"]
+    assert imbalance.last(when="before") == 2.5 and imbalance.last(when="after") == 1.1
 
 
 def test_a_reset_of_the_router_counters_does_not_go_negative(recorded, demo_model):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from ray import serve
 
 from cluster.cli.main import build_parser, main
@@ -25,6 +26,9 @@ from tests.helm_chart import one, render
 NON_DEFAULT = {
     "expert_shards": 2,
     "placement": "round_robin",
+    "redundant_experts": 2,
+    "eplb": False,
+    "eplb_interval_s": 5.0,
     "device": "cpu",
     "dtype": "float32",
     "router_cpus": 0.5,
@@ -88,6 +92,24 @@ def test_bad_flag_values_are_refused_by_the_options_own_checks(capsys):
 @pytest.fixture(scope="module")
 def demo(demo_model: Path) -> str:
     return str(demo_model)
+
+
+@pytest.mark.parametrize(("redundant", "message"), [("17", "between 0 and 16"), ("-1", "redundant_experts")])
+@pytest.mark.parametrize("command", ["serve-config", "generate"])
+def test_redundant_experts_the_shards_cannot_hold_are_refused_at_start(
+    demo, capsys, command, redundant, message
+):
+    """The demo model has 16 experts: 2 shards hold at most 16 extra slots (one replica of each)."""
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    args = [command, "--model", demo, "--expert-shards", "2", "--redundant-experts", redundant, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and message in err
+
+
+def test_serve_app_refuses_redundant_experts_the_shards_cannot_hold(demo):
+    with pytest.raises(ValidationError, match="redundant_experts must be between 0 and 16"):
+        build_app({"model": demo, "expert_shards": 2, "redundant_experts": 17})
 
 
 def running_engine_config(ray_cluster, serve_http, args: dict, name: str) -> dict:

@@ -56,6 +56,56 @@ def test_engine_matches_transformers(ray_cluster, checkpoints, references, name,
     assert all(c.finish_reason == "length" for c in completions)
 
 
+def test_redundant_experts_match_transformers(ray_cluster, checkpoints, references):
+    """10 experts + 7 replicas on 2 shards: tokens split over replicas, merged once per rank."""
+    name = "mup-gqa-untied-1dense"
+    ref_logits, ref_tokens = references[name]
+    with Engine(
+        checkpoints[name],
+        expert_shards=2,
+        redundant_experts=7,
+        eplb=False,
+        router_cpus=0.5,
+        expert_cpus=0.5,
+        dtype="float32",
+        max_num_batched_tokens=8,
+    ) as engine:
+        assert sorted(e["experts"] for e in engine.info()["experts"]) == [8, 9]  # slots per shard
+        logits = engine.logits(PROMPTS[0])
+        completions = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert [c.token_ids for c in completions] == ref_tokens
+
+
+def test_online_rebalancing_mid_stream_changes_no_token(ray_cluster, checkpoints, references):
+    """A rebalance every 0.05 s while the greedy streams decode: the placement changes between steps,
+    the tokens stay transformers' own."""
+    name = "mup-gqa-untied-1dense"
+    _, ref_tokens = references[name]
+    with Engine(
+        checkpoints[name],
+        expert_shards=2,
+        placement="round_robin",
+        redundant_experts=3,
+        eplb_interval_s=0.05,
+        router_cpus=0.5,
+        expert_cpus=0.5,
+        dtype="float32",
+        max_num_batched_tokens=8,
+    ) as engine:
+        for _ in range(5):  # a rebalance takes effect only between two steps: while streams decode
+            completions = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+            assert [c.token_ids for c in completions] == ref_tokens
+            info = engine.info()
+            if info["eplb"]["rebalances"] >= 2:
+                break
+    assert info["eplb"]["rebalances"] >= 2
+    versions = {e["version"] for e in info["experts"]}
+    assert versions == {info["eplb"]["rebalances"]}  # every rank serves the router's latest placement
+    for before, after in info["eplb"]["imbalance"]:
+        assert after < before
+
+
 def test_rank_without_tokens(ray_cluster, checkpoints, references):
     """One token with top-2 routing on 4 shards: at least two expert ranks receive nothing."""
     name = "mha-tied-0dense-top2"

@@ -102,7 +102,9 @@ def _serve_options(args: argparse.Namespace):
         engine = dict(values.get("engine_autoscaling") or {})
         engine.update({k: v for k, v in scaling.items() if v is not None})
         values["engine_autoscaling"] = engine
-    return ServeOptions.model_validate(values)
+    options = ServeOptions.model_validate(values)
+    options.check_model_here()
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -66,12 +66,15 @@ class EngineLoop:
         recover: Callable[[], None] | None = None,
         max_recoveries: int = 3,
         heartbeat_s: float = 10.0,
+        between_steps: Callable[[], None] | None = None,
     ) -> None:
         """`recover` re-forms the expert group after a TransportError; the step is then run again.
 
         More than `max_recoveries` failures in a row stop the loop (the replica turns unhealthy). While
         idle, a heartbeat goes to the expert ranks every `heartbeat_s` (keep it below their timeout).
+        `between_steps` runs on the engine thread before each step (the online rebalancer).
         """
+        self._between_steps = between_steps
         self.core = core
         self._heartbeat_s = heartbeat_s
         self._recover = recover
@@ -209,6 +212,8 @@ class EngineLoop:
                         self._with_recovery(self.core.experts.heartbeat)
                     self._wake.clear()
                     continue
+                if self._between_steps is not None:
+                    self._with_recovery(self._between_steps)
                 started = time.perf_counter()
                 events = self._with_recovery(self.core.step)
                 for event in events:

@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.instance.engine_loop import EngineLoop
 from cluster.instance.expert_actor import ExpertActor
 from cluster.instance.prompts import PromptEncoder
+from cluster.instance.rebalancer import Rebalancer
 from cluster.instance.resources import (
     config_bundles,
     device_for,
@@ -24,7 +25,7 @@ from cluster.instance.resources import (
     transport_kind,
 )
 from cluster.metrics.common import model_instance_id
-from cluster.metrics.engine import EngineMetrics
+from cluster.metrics.engine import EngineMetrics, ExpertGroupState
 from cluster.options.engine import EngineConfig
 from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.per_peer import carrier
@@ -77,7 +78,9 @@ class ModelInstance:
             config.max_num_batched_tokens,
         )
         self.transport, self._serving = self._form_group()
-        placement = ExpertPlacement(self.model_config.num_experts, config.expert_shards, config.placement)
+        placement = ExpertPlacement(
+            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
+        )
         experts = TransportExperts(
             self.transport,
             placement,
@@ -103,11 +106,17 @@ class ModelInstance:
             overlap=config.overlap,
             profile=config.metrics,
         )
+        self.rebalancer = (
+            Rebalancer(lambda: self.core.experts, lambda: self.experts, config.eplb_interval_s)
+            if config.eplb and config.redundant_experts > 0
+            else None
+        )
 
     def engine_loop(self) -> EngineLoop:
         """The continuous-batching loop over this instance, recovering through `rebuild`."""
         heartbeat = self.config.collective_timeout_s / 4
-        return EngineLoop(self.core, recover=self.rebuild, heartbeat_s=heartbeat)
+        between_steps = self.rebalancer.tick if self.rebalancer is not None else None
+        return EngineLoop(self.core, self.rebuild, heartbeat_s=heartbeat, between_steps=between_steps)
 
     def attach_metrics(self, engine: EngineLoop, model: str) -> None:
         """Makes the engine loop export its metrics, unless the config turned them off."""
@@ -119,16 +128,20 @@ class ModelInstance:
                 self.experts_alive,
                 lambda: self.expert_restarts,
                 self.config.expert_layer_metrics,
+                group_state=self.group_state,
             )
 
     def _spawn_expert(self, shard: int) -> ray.actor.ActorHandle:
+        """At start the config's placement; a replacement gets the slots the router dispatches to now."""
         bundle = config_bundles(self.config)[1 + shard]
+        core = getattr(self, "core", None)
+        slots = core.experts.placement.experts_of(shard) if core is not None else None
         return ExpertActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, self._first_expert_bundle + shard),
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
             max_concurrency=2,
-        ).remote(self.config, shard)
+        ).remote(self.config, shard, slots, self._version())
 
     def rebuild(self) -> None:
         """Re-forms the expert group under a new generation after a transport failure.
@@ -141,6 +154,8 @@ class ModelInstance:
         """
         self.core.experts.release()
         self.transport.close()
+        if self.rebalancer is not None:
+            self.rebalancer.cancel()
         for attempt in range(1, MAX_REPLACEMENTS + 1):
             self._replace_lost_experts()
             try:
@@ -177,7 +192,7 @@ class ModelInstance:
         infos = ray.get([e.info.remote() for e in self.experts], timeout=self.config.ready_timeout_s)
         nodes = [ray.get_runtime_context().get_node_id()] + [info["node_id"] for info in infos]
         rendezvous = new_rendezvous(transport_kind(self.config), nodes)
-        serving = [e.run_expert_loop.remote(rendezvous) for e in self.experts]
+        serving = [e.run_expert_loop.remote(rendezvous, self._version()) for e in self.experts]
         world = self.config.expert_shards + 1
         # returns once every rank joined
         transport = open_transport(rendezvous, ROUTER_RANK, world, self.config.collective_timeout_s)
@@ -185,6 +200,32 @@ class ModelInstance:
         if failed:
             ray.get(failed)  # an expert loop that ended at once raises its error here
         return transport, serving
+
+    def _version(self) -> int:
+        """The placement version the router dispatches with (0 until the first rebalance)."""
+        core = getattr(self, "core", None)
+        return core.experts.version if core is not None else 0
+
+    def group_state(self) -> ExpertGroupState:
+        """The expert ranks serving now and the logical experts none of them holds (metrics)."""
+        ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
+        dead = {shard for shard, ref in enumerate(self._serving) if ref in ended}
+        placement = self.core.experts.placement
+        held = {
+            e
+            for shard in range(placement.num_shards)
+            if shard not in dead
+            for e in placement.experts_of(shard)
+        }
+        eplb = self.rebalancer
+        last = eplb.done[-1] if eplb is not None and eplb.done else None
+        return ExpertGroupState(
+            ranks_in_group=self.config.expert_shards - len(dead),
+            experts_without_replica=placement.num_experts - len(held),
+            rebalances=len(eplb.done) if eplb is not None else 0,
+            rebalance_bytes=eplb.bytes_moved if eplb is not None else 0,
+            last_rebalance=(last.before, last.after) if last is not None else None,
+        )
 
     def experts_alive(self) -> bool:
         """False once any expert loop has ended (its actor died, or the group broke)."""
@@ -204,6 +245,7 @@ class ModelInstance:
                 rank: type(carrier(self.transport, rank)).__name__
                 for rank in range(1, self.config.expert_shards + 1)
             },
+            "eplb": self.rebalancer.info() if self.rebalancer is not None else None,
         }
 
     def shutdown(self) -> None:

@@ -128,6 +128,7 @@ class RouterActor:
             "rows_sent": exchange.rows_sent,
             "payload_bytes": exchange.payload_bytes,
             "meta_bytes": exchange.meta_bytes,
+            "rank_pairs": list(exchange.rank_pairs),  # (token, expert) pairs per expert rank
             "recoveries_s": list(self.engine.recoveries),
             "expert_restarts": self.instance.expert_restarts,
             **vars(core.scheduler.stats),  # prefix-cache tokens, preemptions, most sequences at once

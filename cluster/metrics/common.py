@@ -5,6 +5,9 @@ from __future__ import annotations
 import ray
 import torch
 
+from experts.balancer import imbalance
+from experts.placement import ExpertPlacement
+
 REQUEST_LATENCY_BUCKETS_S = [
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
     15.0, 20.0, 30.0, 60.0, 120.0,
@@ -30,11 +33,10 @@ def model_instance_id() -> str:
     return context.get_placement_group_id() or context.get_actor_id() or "driver"
 
 
-def rank_imbalance(expert_tokens: torch.Tensor, shard_of: torch.Tensor, num_shards: int) -> float | None:
-    """max / mean of the (token, expert) pairs each rank computed; 1.0 is perfect balance, None if idle."""
-    per_rank = torch.zeros(num_shards, dtype=torch.float64).index_add_(0, shard_of, expert_tokens.double())
-    mean = float(per_rank.mean())
-    return float(per_rank.max()) / mean if mean > 0 else None
+def rank_imbalance(expert_tokens: torch.Tensor, placement: ExpertPlacement) -> float | None:
+    """max / mean of the (token, expert) pairs each rank computed (an expert's split evenly over its
+    replicas, as the dispatch does); 1.0 is perfect balance, None if idle."""
+    return imbalance(placement, expert_tokens)
 
 
 class Delta:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -66,6 +67,18 @@ class _Pending:
             self.expert_tokens[layer] = tokens if total is None else total + tokens
 
 
+@dataclass
+class ExpertGroupState:
+    """The expert group now, as the model instance sees it (ModelInstance.group_state)."""
+
+    ranks_in_group: int  # expert ranks whose loop runs
+    experts_without_replica: int  # logical experts none of those ranks holds (0 while all are up)
+    failovers: int = 0  # steps re-run on the surviving ranks after one died
+    rebalances: int = 0
+    rebalance_bytes: int = 0  # expert weights read into new slots by all rebalances
+    last_rebalance: tuple[float, float] | None = None  # imbalance before, after (on its window's load)
+
+
 class EngineMetrics:
     """The router's metrics, fed by the engine loop thread (and `request_*` from the event loop).
 
@@ -81,12 +94,13 @@ class EngineMetrics:
         expert_restarts: Callable[[], int],
         expert_layer_metrics: bool = False,
         flush_interval_s: float = FLUSH_INTERVAL_S,
+        group_state: Callable[[], ExpertGroupState] | None = None,
     ) -> None:
         self.core = core
+        self._group_state = group_state
         self._experts_alive = experts_alive
         self._expert_restarts = expert_restarts
         self.flush_interval_s = flush_interval_s
-        self._shard_of, self._num_shards = core.placement.shard_of, core.placement.num_shards
         tags = {"model": model, "model_instance": instance}
 
         def counter(name: str, doc: str, *keys: str) -> Counter:
@@ -160,6 +174,22 @@ class EngineMetrics:
         # A gauge, not a counter: Ray cannot export a counter at 0, and a counter series that first
         # appears at 1 hides the first restart from increase().
         self.restarts = gauge("moe_expert_restarts", "Expert actors replaced since the replica started")
+        # Gauges since start, as restarts, for the same reason.
+        self.replicas = gauge("moe_expert_replicas", "Replicas (slots) of each logical expert", "expert")
+        self.rebalances = gauge("moe_expert_rebalances", "Online rebalancings of the expert placement")
+        self.rebalance_bytes = gauge(
+            "moe_expert_rebalance_bytes", "Expert weight bytes read into new slots by the rebalancings"
+        )
+        self.rebalance_imbalance = gauge(
+            "moe_expert_rebalance_imbalance",
+            "max / mean rank load of the last rebalancing's window, before and after it",
+            "when",
+        )
+        self.failovers = gauge("moe_expert_failovers", "Steps re-run on the surviving expert ranks")
+        self.ranks_in_group = gauge("moe_expert_ranks_in_group", "Expert ranks serving in the group now")
+        self.without_replica = gauge(
+            "moe_experts_without_replica", "Logical experts no serving expert rank holds (0 normally)"
+        )
 
         self._waiting_first: dict[str, tuple[float, int]] = {}  # request -> (arrival, prompt tokens)
         self._started: dict[str, float] = {}  # request with a first token -> arrival
@@ -249,6 +279,23 @@ class EngineMetrics:
         self._flush_experts(pending.expert_tokens)
         self._set(self.alive, 1.0 if self._experts_alive() else 0.0)
         self._set(self.restarts, self._expert_restarts())
+        self._flush_group()
+
+    def _flush_group(self) -> None:
+        placement = self.core.placement
+        for expert, count in enumerate(placement.replica_count.tolist()):
+            self._set(self.replicas, count, {"expert": str(expert)})
+        if self._group_state is None:
+            return
+        state = self._group_state()
+        self._set(self.ranks_in_group, state.ranks_in_group)
+        self._set(self.without_replica, state.experts_without_replica)
+        self._set(self.failovers, state.failovers)
+        self._set(self.rebalances, state.rebalances)
+        self._set(self.rebalance_bytes, state.rebalance_bytes)
+        if state.last_rebalance is not None:
+            for when, value in zip(("before", "after"), state.last_rebalance, strict=True):
+                self._set(self.rebalance_imbalance, value, {"when": when})
 
     def _flush_experts(self, per_layer: dict[int, torch.Tensor]) -> None:
         if not per_layer:
@@ -259,7 +306,7 @@ class EngineMetrics:
         for expert in totals.nonzero().flatten().tolist():
             self.expert_tokens.inc(int(totals[expert]), {"expert": str(expert)})
         for layer, tokens in counts.items():
-            ratio = rank_imbalance(tokens, self._shard_of, self._num_shards)
+            ratio = rank_imbalance(tokens, self.core.placement)
             if ratio is not None:
                 self._set(self.imbalance, ratio, {"layer": str(decoder_layer[layer])})
             if self.layer_expert_tokens is not None:

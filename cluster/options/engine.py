@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,16 @@ class EngineOptions(BaseModel):
     placement: Literal["contiguous", "round_robin"] = Field(
         "contiguous", description="which shard owns which expert"
     )
+    redundant_experts: int = Field(
+        0,
+        ge=0,
+        description="extra expert slots spread over the shards, each holding a replica of a hot expert; at "
+        "most num_experts x (expert_shards - 1)",
+    )
+    eplb: bool = Field(
+        True, description="rebalance the replicas online from the observed load (when redundant_experts > 0)"
+    )
+    eplb_interval_s: float = Field(30.0, gt=0, description="seconds between two online rebalancings")
     device: Device = Field("auto", description="auto: cuda when the cluster has a GPU per actor")
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     router_cpus: float = Field(1.0, gt=0, description="CPUs of the router actor")
@@ -86,6 +96,18 @@ class EngineConfig(EngineOptions):
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
         return path.resolve()
+
+    @model_validator(mode="after")
+    def _experts_fit(self) -> EngineConfig:
+        from experts.placement import check_layout
+        from router.config import ConfigError, ModelConfig
+
+        try:
+            experts = ModelConfig.from_model_dir(self.model_path).num_experts
+        except ConfigError:
+            return self  # not a model the engine reads: its own checks say so where it starts
+        check_layout(experts, self.expert_shards, self.redundant_experts)
+        return self
 
     @property
     def use_gpu(self) -> bool:

@@ -73,6 +73,12 @@ class ServeOptions(EngineOptions):
         """Built where the model is (in the engine replica), since it checks the directory."""
         return EngineConfig(model_path=self.model_path(), **engine_options(self))
 
+    def check_model_here(self) -> None:
+        """Where the model directory is visible (the CLI, the Serve app's builder on a node that has
+        it), the engine config's checks against the model run now rather than in the replica."""
+        if self.model_path().is_dir():
+            self.engine_config()
+
     def api_keys(self) -> set[str]:
         keys = {k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()}
         if self.api_key_file:

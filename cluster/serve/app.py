@@ -32,6 +32,7 @@ def engine_deployment_options(options: ServeOptions) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any]) -> Application:
     options = ServeOptions.model_validate(args or {})
+    options.check_model_here()
     # `auto` is decided once, where the app is built, so that the bundles and the replicas agree.
     options.device = resolve_device(options.device, options.expert_shards)
     dumped = options.model_dump(mode="json")
