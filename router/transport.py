@@ -25,6 +25,7 @@ class Op(IntEnum):
     DISPATCH = 1  # router -> expert: rows of one MoE layer (head[LAYER]) for one micro-batch (head[TAG])
     COMBINE = 2  # expert -> router: one partial sum per dispatched row, same LAYER and TAG
     HEARTBEAT = 3  # sent while idle, so expert ranks waiting for work never hit the timeout
+    FLUSH = 4  # router -> expert, echoed back: every answer to what was sent before it came first
 
 
 class Transport(Protocol):
