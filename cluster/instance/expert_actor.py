@@ -16,7 +16,6 @@ from cluster.metrics.experts import ExpertMetrics
 from cluster.options.engine import EngineConfig
 from cluster.transport.group import Rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
 from router.expert_loop import run_expert_loop
@@ -24,17 +23,15 @@ from router.expert_loop import run_expert_loop
 
 @ray.remote
 class ExpertActor:
-    def __init__(self, config: EngineConfig, shard: int) -> None:
+    def __init__(self, config: EngineConfig, shard: int, experts: list[int]) -> None:
+        """Loads `experts`, the logical expert of each of this shard's slots, in slot order."""
         limit_threads(config.expert_cpus)
         self.config, self.shard_index = config, shard
         model = ModelConfig.from_model_dir(config.model_path)
-        placement = ExpertPlacement(
-            model.num_experts, config.expert_shards, config.placement, config.redundant_experts
-        )
         self.top_k = model.num_experts_per_tok
         self.dtype = config.torch_dtype
         shard_weights = ExpertShard.load(
-            CheckpointReader(config.model_path), model.moe_layers, placement.experts_of(shard), self.dtype
+            CheckpointReader(config.model_path), model.moe_layers, experts, self.dtype
         )
         self.shard = shard_weights.to(device_for(config.use_gpu))
         self.metrics = ExpertMetrics(model_instance_id(), shard) if config.metrics else None

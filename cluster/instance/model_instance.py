@@ -7,6 +7,7 @@ owns the EngineCore. RouterActor (Engine, batch jobs) and the Serve engine deplo
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -32,6 +33,7 @@ from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from router.config import ModelConfig
 from router.engine_core import EngineCore, default_cache_bytes
+from router.errors import TransportError
 from router.exchange import TransportExperts
 from router.kv_cache import KVCache
 from router.scheduler import SchedulerConfig
@@ -39,6 +41,8 @@ from router.transport import ROUTER_RANK, Transport
 from router.weights import load_router_model
 
 MAX_REPLACEMENTS = 3  # tries to re-form the group when a replacement expert dies as it starts
+DEATH_CONFIRM_S = 2.0  # how long a failover waits for Ray to confirm that the failed rank's actor died
+log = logging.getLogger(__name__)
 
 
 class ModelInstance:
@@ -51,6 +55,11 @@ class ModelInstance:
         self._pg, self._first_expert_bundle = pg, first_expert_bundle
         self.generation = 0  # bumped each time the group is re-formed
         self.expert_restarts = 0
+        self.failovers = 0  # expert-rank losses served on, at once, by the other ranks' replicas
+        self.placement = ExpertPlacement(
+            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
+        )
+        self._joining: dict[int, ray.ObjectRef] = {}  # shard -> its replacement's `info`, while it loads
         self.experts = [self._spawn_expert(i) for i in range(config.expert_shards)]
         dtype = config.torch_dtype
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
@@ -77,12 +86,9 @@ class ModelInstance:
             config.max_num_batched_tokens,
         )
         self.transport, self._serving = self._form_group()
-        placement = ExpertPlacement(
-            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
-        )
         experts = TransportExperts(
             self.transport,
-            placement,
+            self.placement,
             self.model_config.num_experts_per_tok,
             keepalive_s=config.collective_timeout_s / 4,
         )
@@ -107,9 +113,11 @@ class ModelInstance:
         )
 
     def engine_loop(self) -> EngineLoop:
-        """The continuous-batching loop over this instance, recovering through `rebuild`."""
+        """The continuous-batching loop over this instance, recovering through `recover`."""
         heartbeat = self.config.collective_timeout_s / 4
-        return EngineLoop(self.core, recover=self.rebuild, heartbeat_s=heartbeat)
+        return EngineLoop(
+            self.core, recover=self.recover, heartbeat_s=heartbeat, between_steps=self.rejoin_loaded
+        )
 
     def attach_metrics(self, engine: EngineLoop, model: str) -> None:
         """Makes the engine loop export its metrics, unless the config turned them off."""
@@ -130,7 +138,60 @@ class ModelInstance:
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
             max_concurrency=2,
-        ).remote(self.config, shard)
+        ).remote(self.config, shard, self.placement.experts_of(shard))
+
+    def recover(self, err: TransportError) -> None:
+        """After a failed step: go on at once without the dead expert ranks when every expert has a
+        replica on a live one (`_fail_over`), else re-form the whole group (`rebuild`)."""
+        if not self._fail_over(err):
+            self.rebuild()
+
+    def _fail_over(self, err: TransportError) -> bool:
+        """Serves on with the live ranks' replicas while replacements for the dead ranks load.
+
+        Only for a rank whose actor is confirmed dead (a stalled one takes `rebuild`, which waits out
+        its grace period), and not over NCCL, whose communicator does not outlive a member.
+        """
+        if err.rank is None or self._joining or transport_kind(self.config) == "nccl":
+            return False
+        first = self._serving[err.rank - 1]
+        ready, _ = ray.wait([first], timeout=DEATH_CONFIRM_S)
+        if not ready or self._ended_alive(first):
+            return False
+        ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
+        dead = {s for s, ref in enumerate(self._serving) if ref in ended and not self._ended_alive(ref)}
+        placement = self.placement.without_ranks(dead)
+        if placement is None:
+            return False
+        try:
+            self.core.experts.fail_over(placement, absent={s + 1 for s in dead})
+        except TransportError:
+            return False
+        for shard in sorted(dead):
+            ray.kill(self.experts[shard])
+            self.experts[shard] = self._spawn_expert(shard)
+            self._joining[shard] = self.experts[shard].info.remote()
+            self.expert_restarts += 1
+        self.failovers += 1
+        log.warning("expert shards %s lost: serving on their replicas while they reload", sorted(dead))
+        return True
+
+    def rejoin_loaded(self) -> bool:
+        """At a step boundary: once every replacement has loaded, re-forms the full group with them (the
+        other ranks only rejoin, nothing reloads). True while some are still loading."""
+        if not self._joining:
+            return False
+        refs = list(self._joining.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(ready) < len(refs):
+            return True
+        self.rebuild()
+        return False
+
+    @property
+    def ranks_in_group(self) -> int:
+        """Expert ranks the router routes to now (fewer than expert_shards after a failover)."""
+        return self.config.expert_shards - len(self.core.experts.absent)
 
     def rebuild(self) -> None:
         """Re-forms the expert group under a new generation after a transport failure.
@@ -151,14 +212,16 @@ class ModelInstance:
             except ray.exceptions.RayActorError:
                 if attempt == MAX_REPLACEMENTS:
                     raise
-        self.core.experts.reconnect(self.transport)
+        self._joining = {}
+        self.core.experts.reconnect(self.transport, self.placement)
         self.generation += 1
 
     def _replace_lost_experts(self) -> None:
+        """Replaces the actors whose loop died (or is stuck), except replacements already spawned."""
         grace = min(10.0, self.config.collective_timeout_s)
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=grace)
         for shard, ref in enumerate(self._serving):
-            if ref in ended and self._ended_alive(ref):
+            if shard in self._joining or (ref in ended and self._ended_alive(ref)):
                 continue
             ray.kill(self.experts[shard])
             self.experts[shard] = self._spawn_expert(shard)
@@ -189,8 +252,10 @@ class ModelInstance:
         return transport, serving
 
     def experts_alive(self) -> bool:
-        """False once any expert loop has ended (its actor died, or the group broke)."""
-        done, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
+        """False once an expert loop of the group in use has ended (its actor died, or the group broke).
+        A rank out of the group since a failover, its replacement still loading, does not count."""
+        serving = [ref for shard, ref in enumerate(self._serving) if shard not in self._joining]
+        done, _ = ray.wait(serving, num_returns=len(serving), timeout=0)
         return not done
 
     def info(self) -> dict:

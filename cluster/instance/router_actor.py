@@ -130,6 +130,8 @@ class RouterActor:
             "meta_bytes": exchange.meta_bytes,
             "recoveries_s": list(self.engine.recoveries),
             "expert_restarts": self.instance.expert_restarts,
+            "failovers": self.instance.failovers,
+            "ranks_in_group": self.instance.ranks_in_group,
             **vars(core.scheduler.stats),  # prefix-cache tokens, preemptions, most sequences at once
         }
         if reset:
