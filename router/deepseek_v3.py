@@ -68,7 +68,8 @@ class LatentAttention(PagedAttention):
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=False)
-        self.scale = (self.nope + self.rope_dim) ** -0.5  # the full query head, as transformers scales
+        # the full query head, as transformers scales it, times YaRN's mscale(factor, mscale_all_dim)**2
+        self.scale = (self.nope + self.rope_dim) ** -0.5 * config.rope.softmax_mscale()
         self.rotate = apply_rope_interleaved if config.rope_interleave else apply_rope
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
@@ -128,18 +129,6 @@ class Model(RouterModel):
         return PreNormDecoderLayer(config, LatentAttention(config, layer), mlp)
 
 
-def _refuse_rope_scaling(raw: RawConfig) -> None:
-    labels = {"rope_parameters": "rope_parameters.rope_type", "rope_scaling": "rope_scaling type"}
-    for key, label in labels.items():
-        params = raw.get(key, {})
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raw.fail(
-                f"{label} {kind!r} is not supported for DeepSeek-V3 yet (only 'default'): YaRN, which the "
-                "published DeepSeek-V3 checkpoints use, is being added to the engine separately"
-            )
-
-
 def _check_routing(raw: RawConfig, experts: int, top_k: int, n_group: int, topk_group: int) -> None:
     if n_group < 1 or experts % n_group or experts // n_group < 2:
         raw.fail(f"n_group {n_group} must divide n_routed_experts {experts} into groups of 2 or more")
@@ -150,7 +139,6 @@ def _check_routing(raw: RawConfig, experts: int, top_k: int, n_group: int, topk_
 
 
 def parse_config(raw: RawConfig) -> ModelConfig:
-    _refuse_rope_scaling(raw)
     if raw.get("scoring_func", "sigmoid") != "sigmoid":
         raw.fail(f"scoring_func {raw.raw['scoring_func']!r} is not supported (DeepSeek-V3 routes on sigmoid)")
     if raw.get("topk_method", "noaux_tc") != "noaux_tc":

@@ -42,6 +42,13 @@ class RopeScaling:
             return _mscale(self.factor, self.mscale) / _mscale(self.factor, self.mscale_all_dim)
         return _mscale(self.factor)
 
+    def softmax_mscale(self) -> float:
+        """DeepSeek-V3's extra factor on its softmax scale (transformers' `yarn_apply_mscale`); it
+        applies whenever the rope is scaled and mscale_all_dim is set, whatever yarn_scale is."""
+        if self.rope_type == "default" or not self.mscale_all_dim:
+            return 1.0
+        return _mscale(self.factor, self.mscale_all_dim) ** 2
+
     def yarn_ramp(self, dim: int, base: float) -> tuple[float, float]:
         """The frequency indices between which YaRN blends interpolated into original frequencies."""
 

@@ -151,8 +151,10 @@ FAMILY_PARITY_CONFIGS: dict[str, tuple[str, dict]] = {
             mlp_only_layers=[0],  # MoE on layers 1 and 2
         ),
     ),
-    # MLA with a low-rank query and interleaved rope; 10 experts in 2 groups, each token's top-3 from one
-    "deepseek-qlora-interleave-2groups-top3": (
+    # MLA with a low-rank query and interleaved rope, YaRN over a 16-token original context with
+    # mscale != mscale_all_dim (cos/sin and the softmax scale both change); 10 experts in 2 groups,
+    # each token's top-3 from one
+    "deepseek-qlora-interleave-yarn-2groups-top3": (
         "deepseek_v3",
         dict(
             hidden_size=64,
@@ -175,6 +177,17 @@ FAMILY_PARITY_CONFIGS: dict[str, tuple[str, dict]] = {
             qk_rope_head_dim=8,
             v_head_dim=16,
             rope_interleave=True,
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.707,
+            },
         ),
     ),
 }

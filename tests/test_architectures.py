@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GptOssConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, Qwen3MoeForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from cluster.demo import FAMILIES, write_checkpoint
 from experts.checkpoint import CheckpointReader
 from experts.shard import ExpertShard
 from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from router.deepseek_v3 import LatentAttention
 from router.gpt_oss import DEFAULT_THETA
 from router.layers import rope_frequencies
 from router.rope import RopeScaling
@@ -314,10 +316,43 @@ def test_deepseek_q_proj_variant_matches_transformers_through_a_latent_cache(tmp
     assert [s.output_ids for s in seqs] == ref_tokens
 
 
+# the published DeepSeek-V3 config.json's rope (the legacy field), and the same with mscale != mscale_all_dim
+PUBLISHED_YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
+@pytest.mark.parametrize("scaling", [PUBLISHED_YARN, PUBLISHED_YARN | {"mscale_all_dim": 0.707}])
+def test_deepseek_yarn_frequencies_and_softmax_scale_are_transformers_own(family_checkpoints, scaling):
+    """Rope over qk_rope_head_dim, cos/sin scaled by mscale / mscale_all_dim, and the softmax scale
+    times mscale(factor, mscale_all_dim)**2, as transformers' DeepseekV3Attention has it."""
+    raw = _raw(family_checkpoints["deepseek-qlora-interleave-yarn-2groups-top3"])
+    raw = {k: v for k, v in raw.items() if k != "rope_parameters"} | {
+        "rope_theta": 10000.0,
+        "rope_scaling": scaling,
+        "max_position_embeddings": 163840,
+    }
+    config = ModelConfig.from_dict(raw)
+    assert config.rope.rope_type == "yarn" and config.head_dim == raw["qk_rope_head_dim"]
+    reference = DeepseekV3Config.from_dict(raw)
+    expected_freq, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](reference)
+    freq, scale = rope_frequencies(config)
+    torch.testing.assert_close(freq, expected_freq)
+    assert scale == pytest.approx(expected_scale)
+    expected_softmax = DeepseekV3Attention(reference, layer_idx=0).scaling
+    assert LatentAttention(config, 0).scale == pytest.approx(expected_softmax)
+    assert expected_softmax > 1.2 * (raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"]) ** -0.5
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0}}, "YaRN"),
         ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
         ({"num_key_value_heads": 2}, "num_key_value_heads"),
         ({"n_group": 3}, "n_group 3"),
@@ -329,6 +364,6 @@ def test_deepseek_q_proj_variant_matches_transformers_through_a_latent_cache(tmp
     ],
 )
 def test_deepseek_fields_it_does_not_implement_are_load_errors(family_checkpoints, change, message) -> None:
-    raw = _raw(family_checkpoints["deepseek-qlora-interleave-2groups-top3"])
+    raw = _raw(family_checkpoints["deepseek-qlora-interleave-yarn-2groups-top3"])
     with pytest.raises(ConfigError, match=re.escape(message)):
         ModelConfig.from_dict(raw | change)

@@ -1,11 +1,12 @@
 """Same checkpoint, same tokens: the engine against transformers' own model of each family in fp32.
 
-Every config (AFMoE's PARITY_CONFIGS, Mixtral's, Qwen3-MoE's and GPT-OSS's FAMILY_PARITY_CONFIGS) runs
-on a real Ray cluster with 1, 2 and 4 expert actors over gloo, with two-batch overlap on and, for 2
-actors, without. The AFMoE configs cover
+Every config (AFMoE's PARITY_CONFIGS, Mixtral's, Qwen3-MoE's, DeepSeek-V3's and GPT-OSS's
+FAMILY_PARITY_CONFIGS) runs on a real Ray cluster with 1, 2 and 4 expert actors over gloo, with
+two-batch overlap on and, for 2 actors, without. The AFMoE configs cover
 muP on/off, 0-2 dense layers, tied and untied embeddings, MHA / GQA / MQA, sliding windows shorter
 than the prompts, top-k 2-4, and expert counts (7, 9, 10) that no shard count divides. The GPT-OSS
-one adds attention biases and sinks, YaRN rope, a router bias and clamped SwiGLU experts with biases.
+one adds attention biases and sinks, YaRN rope, a router bias and clamped SwiGLU experts with biases;
+the DeepSeek-V3 one latent attention with YaRN (its mscale on the softmax scale as well).
 """
 
 from __future__ import annotations

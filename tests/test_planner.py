@@ -94,7 +94,7 @@ def test_parameter_count_equals_transformers(name):
 
 @pytest.mark.parametrize("q_lora_rank", [32, None])
 def test_latent_attention_parameter_count_and_kv_bytes_equal_transformers(q_lora_rank):
-    _, config = FAMILY_PARITY_CONFIGS["deepseek-qlora-interleave-2groups-top3"]
+    _, config = FAMILY_PARITY_CONFIGS["deepseek-qlora-interleave-yarn-2groups-top3"]
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**config | {"q_lora_rank": q_lora_rank}, vocab_size=300))
     cfg = ModelConfig.from_dict(model.config.to_dict() | {"architectures": ["DeepseekV3ForCausalLM"]})
     p = sizes.count_params(cfg)

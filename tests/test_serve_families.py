@@ -1,7 +1,8 @@
 """Random checkpoints of the other families (from `demo-model --arch`'s writer) through the commands:
-Qwen3-MoE through `generate`, Mixtral through `batch`, and Qwen3-MoE, Mixtral and GPT-OSS each through
-the same Serve app with the real openai client; greedy tokens equal transformers' own. For Mixtral and
-GPT-OSS the per-expert load and rank-imbalance metrics are read back from Ray's metrics export."""
+Qwen3-MoE through `generate`, Mixtral through `batch`, and Qwen3-MoE, Mixtral, GPT-OSS and DeepSeek-V3
+(with YaRN rope) each through the same Serve app with the real openai client; greedy tokens equal
+transformers' own. For Mixtral, GPT-OSS and DeepSeek-V3 the per-expert load and rank-imbalance metrics
+are read back from Ray's metrics export."""
 
 from __future__ import annotations
 
@@ -42,6 +43,19 @@ def mixtral_model(tmp_path_factory) -> Path:
 def gpt_oss_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gpt_oss") / "model"
     return write_checkpoint(path, {"sliding_window": 8}, seed=6, family="gpt_oss")
+
+
+@pytest.fixture(scope="module")
+def deepseek_model(tmp_path_factory) -> Path:
+    """9 experts in 3 groups (no even split); YaRN with the published config's betas and mscales over a
+    16-token original context, which the served prompt and its completion run past."""
+    yarn = {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+    }  # fmt: skip
+    cfg = {"n_routed_experts": 9, "n_group": 3, "topk_group": 2, "max_position_embeddings": 128}
+    cfg["rope_scaling"] = yarn
+    return write_checkpoint(tmp_path_factory.mktemp("deepseek") / "model", cfg, seed=7, family="deepseek_v3")
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +133,19 @@ def test_qwen3_moe_served_with_openai_client_equals_transformers(qwen3_model, qw
         assert choice.text == tokenizer.decode(expected), prompt
 
 
-def test_mixtral_and_gpt_oss_served_with_openai_client_equal_transformers_and_count_their_experts(
-    serve_http, metrics_export_port, mixtral_model, gpt_oss_model
+def test_mixtral_gpt_oss_and_deepseek_served_with_openai_client_equal_transformers_and_count_experts(
+    serve_http, metrics_export_port, mixtral_model, gpt_oss_model, deepseek_model
 ) -> None:
-    """One request through each family's app (both up at once, so their metrics arrive together);
+    """One request through each family's app (all up at once, so their metrics arrive together);
     then moe_expert_tokens counts every (token, expert) pair of every MoE layer, under expert ids of
     that model, and moe_expert_imbalance has one series per MoE layer."""
     with contextlib.ExitStack() as apps:
         expected_pairs = {}
-        for family, model_dir in (("mixtral", mixtral_model), ("gpt-oss", gpt_oss_model)):
+        families = (("mixtral", mixtral_model), ("gpt-oss", gpt_oss_model), ("deepseek", deepseek_model))
+        for family, model_dir in families:
             config = ModelConfig.from_model_dir(model_dir)
             assert config.num_experts % 2  # no even split over the 2 shards
+            assert family != "deepseek" or config.rope.softmax_mscale() > 1.0
             reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             tokenizer = Tokenizer.from_model_dir(model_dir)
             ids = tokenizer.encode(PROMPTS[1])
