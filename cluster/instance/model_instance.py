@@ -169,6 +169,8 @@ class ModelInstance:
         """
         if err.rank is None or self._joining or transport_kind(self.config) == "nccl":
             return False
+        if self.placement.without_ranks({err.rank - 1}) is None:
+            return False  # its experts have no other replica: nothing to fail over to
         first = self._serving[err.rank - 1]
         ready, _ = ray.wait([first], timeout=DEATH_CONFIRM_S)
         if not ready or self._ended_alive(first):
