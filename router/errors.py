@@ -22,4 +22,12 @@ class QueueFull(RuntimeError):
 
 
 class TransportError(RuntimeError):
-    """A collective failed or timed out; the group must be rebuilt before it is used again."""
+    """A collective failed or timed out; the group must be rebuilt before it is used again.
+
+    `rank` is the peer the failed call talked to, where the caller knows it (the router's exchange
+    sets it), so that recovery can tell which expert rank to look at first.
+    """
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank

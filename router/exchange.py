@@ -27,7 +27,7 @@ import torch
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.errors import TransportError
-from router.transport import Op, Transport, head
+from router.transport import OP, Op, Transport, head
 
 
 @dataclass
@@ -199,15 +199,35 @@ class TransportExperts:
         self.top_k = top_k
         self.stats = ExchangeStats()
         self.keepalive_s = keepalive_s
+        self.absent: frozenset[int] = frozenset()  # expert ranks out of the group since a failover
         self._in_flight: deque[Dispatched] = deque()
         self._comm_stream: torch.cuda.Stream | None = None
         self._last_sent = [time.monotonic()] * transport.world_size
+        self._answer_format: tuple[int, torch.dtype] = (1, torch.float32)  # a COMBINE row's width and dtype
 
-    def reconnect(self, transport: Transport) -> None:
-        """A re-formed group: what was in flight on the old one is lost (the step is re-run)."""
+    def reconnect(self, transport: Transport, placement: ExpertPlacement | None = None) -> None:
+        """A re-formed group with every rank: what was in flight on the old one is lost (the step is
+        re-run)."""
         self.transport = transport
+        if placement is not None:
+            self.placement = placement
+        self.absent = frozenset()
         self._in_flight.clear()
         self._last_sent = [time.monotonic()] * transport.world_size
+
+    def fail_over(self, placement: ExpertPlacement, absent: set[int]) -> None:
+        """Goes on without the (dead) expert ranks in `absent`, by `placement`, which routes to live ranks
+        only. The failed step's answers that live ranks still owe are drained first: each echoes a FLUSH
+        after everything it was sent before it, so no stale COMBINE is read as the re-run step's."""
+        self._in_flight.clear()
+        live = [r for r in self._live_ranks() if r not in absent]
+        for rank in live:
+            self._send(rank, head(Op.FLUSH))
+        width, dtype = self._answer_format
+        for rank in live:
+            while self._recv(rank, width, dtype)[0][OP] != Op.FLUSH:
+                pass
+        self.placement, self.absent = placement, frozenset(absent)
 
     def take_stats(self) -> ExchangeStats:
         stats, self.stats = self.stats, ExchangeStats()
@@ -229,14 +249,12 @@ class TransportExperts:
         with self._comm(hidden, wait_for_main=True):
             for rank, count in enumerate(plan.shard_counts, start=1):
                 if count:
-                    self.transport.send(
-                        rank, head(Op.DISPATCH, layer, count, tag), payload[start : start + count]
-                    )
+                    self._send(rank, head(Op.DISPATCH, layer, count, tag), payload[start : start + count])
                     ranks.append(rank)
                     counts.append(count)
                     start += count
-                elif now - self._last_sent[rank] > self.keepalive_s:
-                    self.transport.send(rank, head(Op.HEARTBEAT))
+                elif rank not in self.absent and now - self._last_sent[rank] > self.keepalive_s:
+                    self._send(rank, head(Op.HEARTBEAT))
                 else:
                     continue
                 self._last_sent[rank] = now
@@ -245,6 +263,7 @@ class TransportExperts:
         self.stats.messages += len(ranks)
         _account(self.stats, start, hidden, payload.shape[1])
         self.stats.add(ExchangeStats(rank_pairs=plan.shard_pairs))
+        self._answer_format = (hidden.shape[1], hidden.dtype)
         sent = Dispatched(layer, tag, plan.token_index, ranks, counts)
         self._in_flight.append(sent)
         return sent
@@ -257,11 +276,12 @@ class TransportExperts:
         answers = []
         with self._comm(out, wait_for_main=False):
             for rank, count in zip(sent.ranks, sent.counts, strict=True):
-                got, rows = self.transport.recv(rank, out.shape[1], out.dtype)
+                got, rows = self._recv(rank, out.shape[1], out.dtype)
                 if got != head(Op.COMBINE, sent.layer, count, sent.tag):
                     raise TransportError(
                         f"rank {rank} answered {got}, expected COMBINE of MoE layer {sent.layer}, "
-                        f"{count} rows, micro-batch {sent.tag}"
+                        f"{count} rows, micro-batch {sent.tag}",
+                        rank,
                     )
                 answers.append(rows)  # each from another rank: still valid (Transport.recv)
         if out.is_cuda:
@@ -290,9 +310,26 @@ class TransportExperts:
         with torch.cuda.stream(self._comm_stream):
             yield
 
+    def _send(self, rank: int, message: list[int], payload: torch.Tensor | None = None) -> None:
+        try:
+            self.transport.send(rank, message, payload)
+        except TransportError as err:
+            err.rank = rank if err.rank is None else err.rank
+            raise
+
+    def _recv(self, rank: int, width: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+        try:
+            return self.transport.recv(rank, width, dtype)
+        except TransportError as err:
+            err.rank = rank if err.rank is None else err.rank
+            raise
+
+    def _live_ranks(self) -> list[int]:
+        return [r for r in range(1, self.transport.world_size) if r not in self.absent]
+
     def _broadcast(self, op: Op, layer: int = 0) -> None:
-        for rank in range(1, self.transport.world_size):
-            self.transport.send(rank, head(op, layer))
+        for rank in self._live_ranks():
+            self._send(rank, head(op, layer))
             self._last_sent[rank] = time.monotonic()
 
     def heartbeat(self) -> None:
@@ -305,7 +342,7 @@ class TransportExperts:
         """Best effort, before a broken group is dropped: STOP to every rank that still listens, so that
         the live ranks' loops end now rather than at their receive timeout (their actors are reused).
         Their peers are only the router: unlike a collective, no dead peer would wake them."""
-        for rank in range(1, self.transport.world_size):
+        for rank in self._live_ranks():
             with contextlib.suppress(TransportError):
                 self.transport.send(rank, head(Op.STOP))
 

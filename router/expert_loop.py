@@ -2,7 +2,8 @@
 
 There is no step: a rank serves whatever (MoE layer, micro-batch) arrives next, so two micro-batches
 interleave on it as the router sent them, and a rank that owns none of a layer's routed experts hears
-nothing for it. HEARTBEATs keep an idle rank's receive from timing out; STOP ends the loop.
+nothing for it. HEARTBEATs keep an idle rank's receive from timing out; a FLUSH is echoed (the router
+drains stale answers with it after losing another rank); STOP ends the loop.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def run_expert_loop(
             continue
         if got[OP] == Op.SWITCH and on_switch is not None:
             shard = on_switch(got[LAYER])
+            continue
+        if got[OP] == Op.FLUSH:
+            transport.send(ROUTER_RANK, head(Op.FLUSH))
             continue
         if got[OP] != Op.DISPATCH:
             raise TransportError(f"expert rank {transport.rank} got an unexpected message {got}")

@@ -26,6 +26,7 @@ class Op(IntEnum):
     COMBINE = 2  # expert -> router: one partial sum per dispatched row, same LAYER and TAG
     HEARTBEAT = 3  # sent while idle, so expert ranks waiting for work never hit the timeout
     SWITCH = 4  # router -> expert: use the slots prepared for placement version head[LAYER] from now on
+    FLUSH = 5  # router -> expert, echoed back: every answer to what was sent before it came first
 
 
 class Transport(Protocol):

@@ -503,3 +503,37 @@ def test_transport_experts_checks_the_world_size() -> None:
     placement = ExpertPlacement(8, 3)
     with pytest.raises(ValueError, match="placement needs 4"):
         TransportExperts(types.SimpleNamespace(world_size=3), placement, 2)
+
+
+def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() -> None:
+    """Every expert on two of three shards; rank 2's loop ends mid-step (as a killed actor's would):
+    its combine fails naming rank 2, while rank 3's answer is still unread. After fail_over to the
+    placement without shard 1, that stale answer is drained and the re-run step equals the local
+    experts on the same placement; heartbeats and STOP skip the absent rank."""
+    num_experts, k = 6, 2
+    gen = torch.Generator().manual_seed(11)
+    placement = ExpertPlacement(num_experts, 3, redundant=num_experts)
+    gate_up, down = _experts(num_experts, gen)
+    shards = _shards(placement, gate_up, down, torch.float32)
+    group = ExpertGroup(shards, k, torch.float32, timeout_s=2)
+    with group:
+        remote = TransportExperts(group.router, placement, k)
+        ids, weights = _routing(9, k, list(range(num_experts)), gen)
+        hidden = torch.randn(9, HIDDEN, generator=gen)
+        remote.transport.send(2, [0, 0, 0, 0])  # STOP: rank 2 answers nothing from now on
+        sent = remote.dispatch(0, hidden, ids, weights)
+        assert sent.ranks == [1, 2, 3], "precondition: the step needs every rank"
+        with pytest.raises(TransportError) as failed:
+            remote.combine(sent, torch.zeros(9, HIDDEN))
+        assert failed.value.rank == 2
+        degraded = placement.without_ranks({1})
+        remote.fail_over(degraded, absent={2})
+        local = LocalExperts(shards, degraded)
+        want = local.combine(local.dispatch(0, hidden, ids, weights), _shared(hidden))
+        again = remote.dispatch(0, hidden, ids, weights)
+        assert again.ranks == [1, 3]
+        torch.testing.assert_close(remote.combine(again, _shared(hidden)), want, atol=1e-6, rtol=0)
+        remote.heartbeat()
+        remote.stop()
+    assert not group.errors, group.errors
+    assert group.served == {1: 2, 2: 0, 3: 2}

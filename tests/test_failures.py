@@ -62,7 +62,7 @@ class _FailingCore(StubCore):
 def test_retries_are_bounded_then_the_replica_reports_unhealthy():
     core, rebuilds = _FailingCore(), []
     assert isinstance(core, LoopCore)
-    engine = EngineLoop(core, recover=lambda: rebuilds.append(time.monotonic()), max_recoveries=3)
+    engine = EngineLoop(core, recover=lambda err: rebuilds.append(time.monotonic()), max_recoveries=3)
 
     async def one_request() -> None:
         async for _ in engine.submit([1, 2, 3], SamplingParams(max_tokens=4)):

@@ -27,6 +27,7 @@ from router.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_POLL_S = 0.1  # how often an idle loop runs `between_steps` while it asked to run again soon
 
 
 class Heartbeat(Protocol):
@@ -63,21 +64,23 @@ class EngineLoop:
     def __init__(
         self,
         core: LoopCore,
-        recover: Callable[[], None] | None = None,
+        recover: Callable[[TransportError], None] | None = None,
         max_recoveries: int = 3,
         heartbeat_s: float = 10.0,
-        between_steps: Callable[[], None] | None = None,
+        between_steps: Callable[[], bool] | None = None,
     ) -> None:
-        """`recover` re-forms the expert group after a TransportError; the step is then run again.
+        """`recover` repairs the expert group after a TransportError; the step is then run again.
 
         More than `max_recoveries` failures in a row stop the loop (the replica turns unhealthy). While
         idle, a heartbeat goes to the expert ranks every `heartbeat_s` (keep it below their timeout).
-        `between_steps` runs on the engine thread before each step (the online rebalancer).
+        `between_steps` runs on the engine thread at every step boundary, and while idle; it returns
+        True while it wants to run again soon (a replacement expert rank waiting to rejoin).
         """
-        self._between_steps = between_steps
         self.core = core
         self._heartbeat_s = heartbeat_s
         self._recover = recover
+        self._between_steps = between_steps
+        self._soon = False
         self._max_recoveries = max_recoveries
         self.recoveries: list[float] = []  # seconds from each failure to the step that succeeded after it
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -194,8 +197,8 @@ class EngineLoop:
                 if self._recover is None or attempts > self._max_recoveries:
                     raise
                 failed_at = failed_at or time.monotonic()
-                log.warning("expert group failed (%s); re-forming it, attempt %d", err, attempts)
-                self._recover()
+                log.warning("expert group failed (%s); repairing it, attempt %d", err, attempts)
+                self._recover(err)
                 continue
             if failed_at is not None:
                 self.recoveries.append(time.monotonic() - failed_at)
@@ -205,15 +208,15 @@ class EngineLoop:
         try:
             while not self._stopped:
                 self._drain_inbox()
+                if self._between_steps is not None:
+                    self._soon = self._with_recovery(self._between_steps)
                 if not self.core.has_work():
                     if self.metrics is not None:
                         self.metrics.idle()
-                    if not self._wake.wait(timeout=self._heartbeat_s):
+                    if not self._wake.wait(timeout=IDLE_POLL_S if self._soon else self._heartbeat_s):
                         self._with_recovery(self.core.experts.heartbeat)
                     self._wake.clear()
                     continue
-                if self._between_steps is not None:
-                    self._with_recovery(self._between_steps)
                 started = time.perf_counter()
                 events = self._with_recovery(self.core.step)
                 for event in events:

@@ -17,7 +17,6 @@ from cluster.metrics.experts import ExpertMetrics
 from cluster.options.engine import EngineConfig
 from cluster.transport.group import Rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
 from router.expert_loop import run_expert_loop
@@ -26,20 +25,13 @@ from router.weights import expert_kind
 
 @ray.remote
 class ExpertActor:
-    """`slots`: the logical expert of each slot, when the instance's placement has been rebalanced
-    (version `version`); default: the config's static placement."""
+    """`slots`: the logical expert of each of this shard's slots, in slot order, of the placement
+    with version `version` (0 at start, bumped by each rebalance)."""
 
-    def __init__(
-        self, config: EngineConfig, shard: int, slots: list[int] | None = None, version: int = 0
-    ) -> None:
+    def __init__(self, config: EngineConfig, shard: int, slots: list[int], version: int = 0) -> None:
         limit_threads(config.expert_cpus)
         self.config, self.shard_index = config, shard
         model = ModelConfig.from_model_dir(config.model_path)
-        if slots is None:
-            placement = ExpertPlacement(
-                model.num_experts, config.expert_shards, config.placement, config.redundant_experts
-            )
-            slots = placement.experts_of(shard)
         self.top_k = model.num_experts_per_tok
         self.dtype = config.torch_dtype
         self.moe_layers = model.moe_layers

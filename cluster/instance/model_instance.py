@@ -7,6 +7,7 @@ owns the EngineCore. RouterActor (Engine, batch jobs) and the Serve engine deplo
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -33,6 +34,7 @@ from experts.checkpoint import CheckpointReader
 from experts.placement import ExpertPlacement
 from router.config import ModelConfig
 from router.engine_core import EngineCore, default_cache_bytes
+from router.errors import TransportError
 from router.exchange import TransportExperts
 from router.kv_cache import KVCache
 from router.scheduler import SchedulerConfig
@@ -40,6 +42,8 @@ from router.transport import ROUTER_RANK, Transport
 from router.weights import load_router_model
 
 MAX_REPLACEMENTS = 3  # tries to re-form the group when a replacement expert dies as it starts
+DEATH_CONFIRM_S = 2.0  # how long a failover waits for Ray to confirm that the failed rank's actor died
+log = logging.getLogger(__name__)
 
 
 class ModelInstance:
@@ -52,7 +56,13 @@ class ModelInstance:
         self._pg, self._first_expert_bundle = pg, first_expert_bundle
         self.generation = 0  # bumped each time the group is re-formed
         self.expert_restarts = 0
-        self.experts = [self._spawn_expert(i) for i in range(config.expert_shards)]
+        self.failovers = 0  # expert-rank losses served on, at once, by the other ranks' replicas
+        self._joining: dict[int, ray.ObjectRef] = {}  # shard -> its replacement's `info`, while it loads
+        self._routed_before: ExpertPlacement | None = None  # the full placement, while ranks are out
+        placement = ExpertPlacement(
+            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
+        )
+        self.experts = [self._spawn_expert(i, placement) for i in range(config.expert_shards)]
         dtype = config.torch_dtype
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         model = load_router_model(CheckpointReader(config.model_path), self.model_config, dtype, self.device)
@@ -78,9 +88,6 @@ class ModelInstance:
             config.max_num_batched_tokens,
         )
         self.transport, self._serving = self._form_group()
-        placement = ExpertPlacement(
-            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
-        )
         experts = TransportExperts(
             self.transport,
             placement,
@@ -113,10 +120,11 @@ class ModelInstance:
         )
 
     def engine_loop(self) -> EngineLoop:
-        """The continuous-batching loop over this instance, recovering through `rebuild`."""
+        """The continuous-batching loop over this instance, recovering through `recover`."""
         heartbeat = self.config.collective_timeout_s / 4
-        between_steps = self.rebalancer.tick if self.rebalancer is not None else None
-        return EngineLoop(self.core, self.rebuild, heartbeat_s=heartbeat, between_steps=between_steps)
+        return EngineLoop(
+            self.core, recover=self.recover, heartbeat_s=heartbeat, between_steps=self.between_steps
+        )
 
     def attach_metrics(self, engine: EngineLoop, model: str) -> None:
         """Makes the engine loop export its metrics, unless the config turned them off."""
@@ -131,17 +139,87 @@ class ModelInstance:
                 group_state=self.group_state,
             )
 
-    def _spawn_expert(self, shard: int) -> ray.actor.ActorHandle:
-        """At start the config's placement; a replacement gets the slots the router dispatches to now."""
+    @property
+    def placement(self) -> ExpertPlacement:
+        """The full placement: the one the router dispatches by, or did before a failover."""
+        return self._routed_before or self.core.experts.placement
+
+    def _spawn_expert(self, shard: int, placement: ExpertPlacement | None = None) -> ray.actor.ActorHandle:
+        """With `placement`'s slots (at start), by default the full placement's (a replacement)."""
+        placement = placement or self.placement
         bundle = config_bundles(self.config)[1 + shard]
-        core = getattr(self, "core", None)
-        slots = core.experts.placement.experts_of(shard) if core is not None else None
         return ExpertActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, self._first_expert_bundle + shard),
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
             max_concurrency=2,
-        ).remote(self.config, shard, slots, self._version())
+        ).remote(self.config, shard, placement.experts_of(shard), self._version())
+
+    def recover(self, err: TransportError) -> None:
+        """After a failed step: go on at once without the dead expert ranks when every expert has a
+        replica on a live one (`_fail_over`), else re-form the whole group (`rebuild`)."""
+        if not self._fail_over(err):
+            self.rebuild()
+
+    def _fail_over(self, err: TransportError) -> bool:
+        """Serves on with the live ranks' replicas while replacements for the dead ranks load.
+
+        Only for a rank whose actor is confirmed dead (a stalled one takes `rebuild`, which waits out
+        its grace period), and not over NCCL, whose communicator does not outlive a member.
+        """
+        if err.rank is None or self._joining or transport_kind(self.config) == "nccl":
+            return False
+        if self.placement.without_ranks({err.rank - 1}) is None:
+            return False  # its experts have no other replica: nothing to fail over to
+        first = self._serving[err.rank - 1]
+        ready, _ = ray.wait([first], timeout=DEATH_CONFIRM_S)
+        if not ready or self._ended_alive(first):
+            return False
+        ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
+        dead = {s for s, ref in enumerate(self._serving) if ref in ended and not self._ended_alive(ref)}
+        placement = self.placement.without_ranks(dead)
+        if placement is None:
+            return False
+        full = self.placement
+        try:
+            self.core.experts.fail_over(placement, absent={s + 1 for s in dead})
+        except TransportError:
+            return False
+        self._routed_before = full
+        if self.rebalancer is not None:
+            self.rebalancer.cancel()  # a rebalance being prepared counted on the lost rank
+        for shard in sorted(dead):
+            ray.kill(self.experts[shard])
+            self.experts[shard] = self._spawn_expert(shard)
+            self._joining[shard] = self.experts[shard].info.remote()
+            self.expert_restarts += 1
+        self.failovers += 1
+        log.warning("expert shards %s lost: serving on their replicas while they reload", sorted(dead))
+        return True
+
+    def between_steps(self) -> bool:
+        """The engine loop's hook: a rejoin while ranks are out of the group, else the rebalancer.
+        True while a replacement is still loading (the loop then calls again soon)."""
+        if self._joining:
+            return self._rejoin_loaded()
+        if self.rebalancer is not None:
+            self.rebalancer.tick()
+        return False
+
+    def _rejoin_loaded(self) -> bool:
+        """Once every replacement has loaded, re-forms the full group with them (the other ranks only
+        rejoin, nothing reloads); True while some are still loading."""
+        refs = list(self._joining.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(ready) < len(refs):
+            return True
+        self.rebuild()
+        return False
+
+    @property
+    def ranks_in_group(self) -> int:
+        """Expert ranks the router routes to now (fewer than expert_shards after a failover)."""
+        return self.config.expert_shards - len(self.core.experts.absent)
 
     def rebuild(self) -> None:
         """Re-forms the expert group under a new generation after a transport failure.
@@ -164,14 +242,16 @@ class ModelInstance:
             except ray.exceptions.RayActorError:
                 if attempt == MAX_REPLACEMENTS:
                     raise
-        self.core.experts.reconnect(self.transport)
+        self.core.experts.reconnect(self.transport, self.placement)
+        self._joining, self._routed_before = {}, None
         self.generation += 1
 
     def _replace_lost_experts(self) -> None:
+        """Replaces the actors whose loop died (or is stuck), except replacements already spawned."""
         grace = min(10.0, self.config.collective_timeout_s)
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=grace)
         for shard, ref in enumerate(self._serving):
-            if ref in ended and self._ended_alive(ref):
+            if shard in self._joining or (ref in ended and self._ended_alive(ref)):
                 continue
             ray.kill(self.experts[shard])
             self.experts[shard] = self._spawn_expert(shard)
@@ -207,29 +287,32 @@ class ModelInstance:
         return core.experts.version if core is not None else 0
 
     def group_state(self) -> ExpertGroupState:
-        """The expert ranks serving now and the logical experts none of them holds (metrics)."""
+        """The expert ranks serving now, and the logical experts a lost rank left with one copy or none
+        (of those the full placement gives more), for the metrics."""
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
         dead = {shard for shard, ref in enumerate(self._serving) if ref in ended}
-        placement = self.core.experts.placement
-        held = {
-            e
-            for shard in range(placement.num_shards)
-            if shard not in dead
-            for e in placement.experts_of(shard)
-        }
+        full = self.placement
+        exposed = 0
+        for expert in range(full.num_experts):
+            copies = [shard for shard, _ in full.replicas_of(expert)]
+            live = sum(shard not in dead for shard in copies)
+            exposed += live < len(copies) and live <= 1
         eplb = self.rebalancer
         last = eplb.done[-1] if eplb is not None and eplb.done else None
         return ExpertGroupState(
             ranks_in_group=self.config.expert_shards - len(dead),
-            experts_without_replica=placement.num_experts - len(held),
+            experts_without_replica=exposed,
+            failovers=self.failovers,
             rebalances=len(eplb.done) if eplb is not None else 0,
             rebalance_bytes=eplb.bytes_moved if eplb is not None else 0,
             last_rebalance=(last.before, last.after) if last is not None else None,
         )
 
     def experts_alive(self) -> bool:
-        """False once any expert loop has ended (its actor died, or the group broke)."""
-        done, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
+        """False once an expert loop of the group in use has ended (its actor died, or the group broke).
+        A rank out of the group since a failover, its replacement still loading, does not count."""
+        serving = [ref for shard, ref in enumerate(self._serving) if shard not in self._joining]
+        done, _ = ray.wait(serving, num_returns=len(serving), timeout=0)
         return not done
 
     def info(self) -> dict:

@@ -131,6 +131,8 @@ class RouterActor:
             "rank_pairs": list(exchange.rank_pairs),  # (token, expert) pairs per expert rank
             "recoveries_s": list(self.engine.recoveries),
             "expert_restarts": self.instance.expert_restarts,
+            "failovers": self.instance.failovers,
+            "ranks_in_group": self.instance.ranks_in_group,
             **vars(core.scheduler.stats),  # prefix-cache tokens, preemptions, most sequences at once
         }
         if reset:

@@ -72,7 +72,7 @@ class ExpertGroupState:
     """The expert group now, as the model instance sees it (ModelInstance.group_state)."""
 
     ranks_in_group: int  # expert ranks whose loop runs
-    experts_without_replica: int  # logical experts none of those ranks holds (0 while all are up)
+    experts_without_replica: int  # experts a lost rank left with one copy or none (0 while all are up)
     failovers: int = 0  # steps re-run on the surviving ranks after one died
     rebalances: int = 0
     rebalance_bytes: int = 0  # expert weights read into new slots by all rebalances
@@ -185,10 +185,13 @@ class EngineMetrics:
             "max / mean rank load of the last rebalancing's window, before and after it",
             "when",
         )
-        self.failovers = gauge("moe_expert_failovers", "Steps re-run on the surviving expert ranks")
+        self.failovers = gauge(
+            "moe_expert_failovers", "Expert-rank losses served on at once by the other ranks' replicas"
+        )
         self.ranks_in_group = gauge("moe_expert_ranks_in_group", "Expert ranks serving in the group now")
         self.without_replica = gauge(
-            "moe_experts_without_replica", "Logical experts no serving expert rank holds (0 normally)"
+            "moe_experts_without_replica",
+            "Logical experts a lost expert rank left with one copy or none, until it rejoins (0 normally)",
         )
 
         self._waiting_first: dict[str, tuple[float, int]] = {}  # request -> (arrival, prompt tokens)

@@ -115,6 +115,8 @@ class EngineDeployment:
             "recoveries_s": list(self.engine.recoveries),
             "expert_restarts": self.instance.expert_restarts,
             "generation": self.instance.generation,
+            "failovers": self.instance.failovers,
+            "ranks_in_group": self.instance.ranks_in_group,
         }
 
     def ready(self) -> bool:
