@@ -27,6 +27,7 @@ from tests.toolkit import (
     record_result,
     replica_actor,
     run_streams,
+    scrape,
     stall_after,
     wait_for,
 )
@@ -40,6 +41,7 @@ OPTIONS = {
     "redundant_experts": NUM_EXPERTS,
     "max_model_len": 256,
     "max_num_seqs": 16,
+    "served_model_name": "failover-demo",  # its own metric series in the session's Ray cluster
 }
 MAX_GAP_S = 1.5
 CONCURRENCY, MAX_TOKENS = 8, 48
@@ -87,7 +89,9 @@ def reference(failover_url, model_name) -> list[Stream]:
 
 
 @pytest.mark.timeout(600)
-def test_an_expert_rank_lost_under_load_costs_no_pause(failover_url, model_name, reference):
+def test_an_expert_rank_lost_under_load_costs_no_pause(
+    failover_url, model_name, reference, metrics_export_port
+):
     before = stats()
     assert (before["failovers"], before["ranks_in_group"]) == (0, 2), before
     replica = replica_actor(APP)
@@ -129,6 +133,22 @@ def test_an_expert_rank_lost_under_load_costs_no_pause(failover_url, model_name,
     assert replica_actor(APP).pid == replica.pid, "repaired in place, not a replaced replica"
     now = experts_in(replica.placement_group_id)
     assert now[2] != experts[2] and now[1] == experts[1], (experts, now)
+
+    def exported(name: str) -> list[float]:
+        return [value for _, value in scrape(metrics_export_port, name, model=model_name)]
+
+    def metrics_say_the_group_is_full() -> bool:
+        return (
+            exported("moe_expert_ranks_in_group") == [2.0]
+            and exported("moe_expert_failovers") == [float(after["failovers"])]
+            and exported("moe_experts_without_replica") == [0.0]
+            and exported("moe_experts_alive") == [1.0]
+        )
+
+    assert wait_for(metrics_say_the_group_is_full, 60), {
+        n: exported(n)
+        for n in ("moe_expert_ranks_in_group", "moe_expert_failovers", "moe_experts_without_replica")
+    }
 
     wait, gap = stall_after(streams, killed["at"])
     record_result(
