@@ -213,7 +213,7 @@ HOT_EXPERTS = (0, 1, 2)
 
 @pytest.fixture(scope="session")
 def skewed_checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("skewed") / "model"
+    path = tmp_path_factory.mktemp("skewed") / "skewed-model"  # its own metric series
     return write_checkpoint(path, SKEWED_CONFIG, seed=3, hot_experts=HOT_EXPERTS)
 
 
