@@ -213,6 +213,10 @@ class ModelInstance:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if len(ready) < len(refs):
             return True
+        try:
+            ray.get(refs)
+        except ray.exceptions.RayActorError:
+            self._joining = {}  # one died as it loaded: the rebuild replaces it as any lost actor
         self.rebuild()
         return False
 
