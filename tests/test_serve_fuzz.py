@@ -185,6 +185,14 @@ def check_stream(text: str, n: int, chat: bool) -> None:
     assert sorted(finished) == list(range(n)), "every choice of a stream ends with a finish_reason"
 
 
+def choices_wanted(body: dict, chat: bool) -> int:
+    """n per prompt: /v1/completions also takes a list of prompts (texts, or token-id lists)."""
+    prompt = body.get("prompt")
+    if chat or not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        return body.get("n", 1)
+    return body.get("n", 1) * len(prompt)
+
+
 def send(http: httpx.Client, path: str, body: Any) -> int:
     chat = path.endswith("chat/completions")
     with http.stream("POST", path, json=body) as response:
@@ -194,7 +202,7 @@ def send(http: httpx.Client, path: str, body: Any) -> int:
         check_error(response, text)
         return response.status_code
     assert response.status_code == 200, text
-    n = body.get("n", 1)
+    n = choices_wanted(body, chat)
     if body.get("stream") is True:
         assert response.headers["content-type"].startswith("text/event-stream")
         check_stream(text, n, chat)
