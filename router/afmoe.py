@@ -21,7 +21,7 @@ from router.layers import (
     RouterModel,
     apply_rope,
     feed_forward,
-    moe_indices,
+    layer_mlp,
 )
 
 ARCHITECTURE = "AfmoeForCausalLM"
@@ -74,12 +74,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_mlp_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
-        moe = moe_indices(config)
-        self.mlp: nn.Module = (
-            AfmoeMoE(config, moe[layer])
-            if layer in moe
-            else MLP(config.hidden_size, config.intermediate_size)
-        )
+        self.mlp: nn.Module = layer_mlp(config, layer, AfmoeMoE)
 
     def run(self, x, rope: Rope, cache: KVCache, batch: AttentionBatch, experts, tag: int):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, cache, batch))

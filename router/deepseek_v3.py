@@ -29,7 +29,7 @@ from router.layers import (
     Rope,
     RouterModel,
     apply_rope,
-    moe_indices,
+    layer_mlp,
 )
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -120,12 +120,7 @@ class DeepseekMoE(MoEBlock):
 
 class Model(RouterModel):
     def make_layer(self, config: ModelConfig, layer: int) -> nn.Module:
-        moe = moe_indices(config)
-        mlp = (
-            DeepseekMoE(config, moe[layer])
-            if layer in moe
-            else MLP(config.hidden_size, config.intermediate_size)
-        )
+        mlp = layer_mlp(config, layer, DeepseekMoE)
         return PreNormDecoderLayer(config, LatentAttention(config, layer), mlp)
 
 

@@ -9,6 +9,8 @@ MoEGate modules (router/step_stats.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -257,6 +259,17 @@ class PreNormDecoderLayer(nn.Module):
 def moe_indices(config: ModelConfig) -> dict[int, int]:
     """Decoder layer -> its ordinal among the MoE layers (the expert shards' layer index)."""
     return {layer: i for i, layer in enumerate(config.moe_layers)}
+
+
+def layer_mlp(
+    config: ModelConfig, layer: int, moe_block: Callable[[ModelConfig, int], nn.Module]
+) -> nn.Module:
+    """Decoder layer `layer`'s MLP: the family's routed block where the layer is a MoE layer (built with
+    its MoE ordinal), else the dense SwiGLU MLP."""
+    moe = moe_indices(config)
+    if layer in moe:
+        return moe_block(config, moe[layer])
+    return MLP(config.hidden_size, config.intermediate_size)
 
 
 class Backbone(nn.Module):

@@ -7,19 +7,14 @@ from __future__ import annotations
 from torch import nn
 
 from router.config import ModelConfig, RawConfig
-from router.layers import MLP, PreNormDecoderLayer, RotaryAttention, RouterModel, SparseMoE, moe_indices
+from router.layers import PreNormDecoderLayer, RotaryAttention, RouterModel, SparseMoE, layer_mlp
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 
 
 class Model(RouterModel):
     def make_layer(self, config: ModelConfig, layer: int) -> nn.Module:
-        moe = moe_indices(config)
-        mlp = (
-            SparseMoE(config, moe[layer])
-            if layer in moe
-            else MLP(config.hidden_size, config.intermediate_size)
-        )
+        mlp = layer_mlp(config, layer, SparseMoE)
         return PreNormDecoderLayer(config, RotaryAttention(config, layer, qk_norm=True), mlp)
 
 
