@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,10 +187,26 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
             if expr not in seen and query(prometheus, expr):
                 seen.add(expr)
 
-    def deploy_and_send() -> None:
+    base = f"{serve_http}/{APP}"
+
+    def deploy_and_send() -> str:
         deploy_app(APP, options)
-        base = f"{serve_http}/{APP}"
-        send_traffic(base, httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"])
+        model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        send_traffic(base, model)
+        return model
+
+    def keep_one_stream_open(model: str, stop: threading.Event) -> int:
+        """Streams one after the other until `stop`: Serve's ongoing-request gauges are set only while
+        requests are in flight. Returns how many it sent (all 200)."""
+        body = {"model": model, "prompt": "The experts", "max_tokens": 16, "stream": True}
+        sent = 0
+        while not stop.is_set():
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+                for _ in response.iter_lines():
+                    pass
+            assert response.status_code == 200
+            sent += 1
+        return sent
 
     by_status = f'sum by (status) (ray_moe_requests_total{{ray_io_cluster="{CLUSTER}"}})'
 
@@ -198,19 +215,24 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
 
     wait_for(lambda: query(prometheus, "up == 1"), 60, interval=1)  # first scrape done
     before = counts_by_status()  # earlier tests of the session served through this cluster too
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         traffic = pool.submit(deploy_and_send)
         try:
             while not traffic.done():  # queries run while the traffic does, once a second
                 poll()
                 concurrent.futures.wait([traffic], timeout=1)
-            traffic.result()
+            stop = threading.Event()
+            streams = pool.submit(keep_one_stream_open, traffic.result(), stop)
 
             def all_seen() -> bool:
                 poll()
                 return len(seen) == len(queries)
 
-            wait_for(all_seen, 120, interval=2)
+            try:
+                wait_for(all_seen, 120, interval=2)
+            finally:
+                stop.set()
+            kept_open = streams.result()
             missing = [(d, p, e) for d, p, e in queries if e not in seen and p not in EXCEPTIONS]
             listed = "\n".join(f"{d} / {p}: {e}" for d, p, e in missing)
             assert not missing, f"queries without a series:\n{listed}"
@@ -218,7 +240,7 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
             print(f"panels whose series Ray had dropped again by the end: {sorted(set(now_empty))}")
 
             expected = {k: v for k, v in before.items() if v}
-            for status, sent in {"200": 19.0, "400": 1.0, "404": 1.0}.items():
+            for status, sent in {"200": 19.0 + kept_open, "400": 1.0, "404": 1.0}.items():
                 expected[status] = expected.get(status, 0.0) + sent
             wait_for(lambda: counts_by_status() == expected, 60, interval=2)  # Ray reports every 10 s
             assert counts_by_status() == expected
