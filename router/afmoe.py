@@ -12,7 +12,6 @@ from torch import nn
 from router.config import ModelConfig, RawConfig
 from router.kv_cache import AttentionBatch, KVCache
 from router.layers import (
-    MLP,
     MoEBlock,
     MoEGate,
     RMSNorm,
@@ -48,11 +47,9 @@ class AfmoeMoE(MoEBlock):
     """`mlp.router.gate.weight`, `mlp.expert_bias` (selection only) and `mlp.shared_experts`."""
 
     def __init__(self, config: ModelConfig, moe_index: int) -> None:
-        super().__init__(moe_index)
+        super().__init__(config, moe_index)
         self.router = nn.ModuleDict({"gate": MoEGate(config)})
         self.expert_bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32))
-        shared = config.moe_intermediate_size * config.num_shared_experts
-        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 
     @property
     def gate_module(self) -> MoEGate:
@@ -60,9 +57,6 @@ class AfmoeMoE(MoEBlock):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_module(x, self.expert_bias)
-
-    def shared(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
 
 
 class DecoderLayer(nn.Module):

@@ -20,7 +20,6 @@ from router.config import ModelConfig, RawConfig
 from router.gating import GATING
 from router.kv_cache import AttentionBatch, KVCache
 from router.layers import (
-    MLP,
     MoEBlock,
     MoEGate,
     PagedAttention,
@@ -105,17 +104,12 @@ class DeepseekMoE(MoEBlock):
     """The gate and `mlp.shared_experts` (n_shared_experts experts wide) here, routed experts on shards."""
 
     def __init__(self, config: ModelConfig, moe_index: int) -> None:
-        super().__init__(moe_index)
+        super().__init__(config, moe_index)
         self.gate = DeepseekGate(config)
-        shared = config.moe_intermediate_size * config.num_shared_experts
-        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 
     @property
     def gate_module(self) -> MoEGate:
         return self.gate
-
-    def shared(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
 
 
 class Model(RouterModel):

@@ -40,7 +40,7 @@ class BiasedGate(MoEGate):
 
 class GptOssMoE(MoEBlock):
     def __init__(self, config: ModelConfig, moe_index: int) -> None:
-        super().__init__(moe_index)
+        super().__init__(config, moe_index)
         self.router = BiasedGate(config)
 
     @property

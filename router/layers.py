@@ -195,11 +195,14 @@ class MoEGate(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """A routed MoE MLP: gate (and any shared expert) here, the routed experts on the expert shards."""
+    """A routed MoE MLP: gate and `shared_experts` (num_shared_experts experts wide, one MLP; none
+    without) here, the routed experts on the expert shards."""
 
-    def __init__(self, moe_index: int) -> None:
+    def __init__(self, config: ModelConfig, moe_index: int) -> None:
         super().__init__()
         self.moe_index = moe_index
+        shared = config.moe_intermediate_size * config.num_shared_experts
+        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
 
     @property
     def gate_module(self) -> MoEGate:
@@ -210,7 +213,7 @@ class MoEBlock(nn.Module):
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """What the router adds beside the routed experts (zeros without shared experts)."""
-        return torch.zeros_like(x)
+        return self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
 
     def run(self, x: torch.Tensor, experts: RoutedExperts, tag: int) -> Pass:
         """Dispatches, computes the shared part while the expert ranks work, yields, then combines."""
@@ -225,7 +228,7 @@ class SparseMoE(MoEBlock):
     """Mixtral / Qwen3-MoE: `mlp.gate.weight` and routed experts only."""
 
     def __init__(self, config: ModelConfig, moe_index: int) -> None:
-        super().__init__(moe_index)
+        super().__init__(config, moe_index)
         self.gate = MoEGate(config)
 
     @property
