@@ -28,7 +28,7 @@ def parity(new_tokens: int = 24, overlap: bool = False) -> dict:
 
     from cluster.demo import demo_model_path
     from experts.checkpoint import CheckpointReader
-    from experts.placement import ExpertPlacement
+    from experts.placement import ModelPlacement
     from experts.shard import ExpertShard
     from router.config import ModelConfig
     from router.engine_core import EngineCore, default_cache_bytes
@@ -41,8 +41,8 @@ def parity(new_tokens: int = 24, overlap: bool = False) -> dict:
     path = demo_model_path()
     cfg, reader, dev = ModelConfig.from_model_dir(path), CheckpointReader(path), torch.device("cuda")
     model = load_router_model(reader, cfg, torch.bfloat16, dev)
-    placement = ExpertPlacement(cfg.num_experts, 1)
-    shard = ExpertShard.load(reader, cfg.moe_layers, placement.experts_of(0), torch.bfloat16).to(dev)
+    placement = ModelPlacement.uniform(len(cfg.moe_layers), cfg.num_experts, 1)
+    shard = ExpertShard.load(reader, cfg.moe_layers, placement.slots_of(0), torch.bfloat16).to(dev)
     cache = KVCache(cfg, default_cache_bytes(cfg, 8, 512, 16, torch.bfloat16), 8, 16, torch.bfloat16, dev)
     experts = LocalExperts([shard], placement)
     scheduler = SchedulerConfig(8, 2048, 512)

@@ -497,8 +497,9 @@ def experts() -> builder.Dashboard:
             [
                 Panel(
                     "Replicas per expert",
-                    "Slots holding each logical expert (1 without redundant experts); online "
-                    "rebalancing gives the hot experts more. Fewest over model instances shown.",
+                    "Slots holding each logical expert, the fewest on any MoE layer (1 without redundant "
+                    "experts); online rebalancing gives each layer's hot experts more. Fewest over model "
+                    "instances shown.",
                     [(f"min by (expert) ({m('ray_moe_expert_replicas')})", "expert {{expert}}")],
                     "short",
                 ),
@@ -517,8 +518,9 @@ def experts() -> builder.Dashboard:
                 ),
                 Panel(
                     "Imbalance before and after the last rebalancing",
-                    "max / mean expert rank load on the last rebalancing's window, with the old "
-                    "placement and with the new one. Worst model instance shown.",
+                    "Per MoE layer max / mean expert rank load, summed over the layers, on the last "
+                    "rebalancing's window, with the old placement and with the new one. Worst model "
+                    "instance shown.",
                     [(f"max by (when) ({m('ray_moe_expert_rebalance_imbalance')})", "{{when}}")],
                     "short",
                     thresholds=[1.25],

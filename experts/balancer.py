@@ -6,7 +6,8 @@ gets several, up to a cap: each cap is tried), then the replicas, heaviest share
 the least-loaded shard that has a free slot and no replica of that expert yet. A shard keeps its slot
 count, and an expert that stays on a shard keeps its weights there (no bytes move for it). The result
 is kept only when its heaviest shard is lighter than the current placement's on the same load, so it
-is never worse.
+is never worse. Each MoE layer is balanced on its own load (`rebalance_model`): a step waits, in every
+layer, for that layer's heaviest shard.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import heapq
 
 import torch
 
-from experts.placement import ExpertPlacement
+from experts.placement import ExpertPlacement, ModelPlacement
 
 
 def replica_counts(load: torch.Tensor, slots: int, max_per_expert: int) -> list[int]:
@@ -89,3 +90,26 @@ def imbalance(placement: ExpertPlacement, load: torch.Tensor) -> float | None:
     live = torch.tensor([placement.num_local(s) > 0 for s in range(placement.num_shards)])
     mean = float(per_shard[live].mean())
     return float(per_shard.max()) / mean if mean > 0 else None
+
+
+def rebalance_model(load: torch.Tensor, current: ModelPlacement) -> ModelPlacement:
+    """Each MoE layer rebalanced on its own row of `load` [num_layers, num_experts]."""
+    if load.shape != (current.num_layers, current.num_experts):
+        raise ValueError(
+            f"load has shape {tuple(load.shape)}, expected ({current.num_layers}, {current.num_experts})"
+        )
+    layers = [rebalance(row, placement) for row, placement in zip(load, current.layers, strict=True)]
+    return ModelPlacement(layers) if layers != list(current.layers) else current
+
+
+def step_imbalance(placement: ModelPlacement, load: torch.Tensor) -> float | None:
+    """Summed over the MoE layers, the heaviest live shard's load over the mean one's: how much longer a
+    step's expert compute takes than on a perfectly even placement (each layer waits for its heaviest
+    shard). None without load."""
+    heaviest = mean = 0.0
+    for row, layer in zip(load, placement.layers, strict=True):
+        per_shard = layer.rank_load(row)
+        live = torch.tensor([layer.num_local(s) > 0 for s in range(layer.num_shards)])
+        heaviest += float(per_shard.max())
+        mean += float(per_shard[live].mean())
+    return heaviest / mean if mean > 0 else None

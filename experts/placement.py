@@ -166,3 +166,71 @@ class ExpertPlacement:
         if not 0 <= shard < self.num_shards:
             raise ValueError(f"shard {shard} out of range for {self.num_shards} shards")
         return shard
+
+
+class ModelPlacement:
+    """One ExpertPlacement per MoE layer (list index = MoE layer ordinal), each with the same slot count
+    on each shard: a shard's slot s of layer l holds `layer(l).experts_of(shard)[s]`.
+
+    Hot experts differ from layer to layer, so each layer is balanced on its own load (as DeepSeek's
+    EPLB does); at start every layer has the same static placement.
+    """
+
+    def __init__(self, layers: list[ExpertPlacement]) -> None:
+        if not layers:
+            raise ValueError("a model placement needs at least one MoE layer")
+        first = layers[0]
+        capacity = [first.num_local(s) for s in range(first.num_shards)]
+        for index, placement in enumerate(layers):
+            if placement.num_experts != first.num_experts or placement.num_shards != first.num_shards:
+                raise ValueError(
+                    f"MoE layer {index}: {placement.num_experts} experts on {placement.num_shards} shards, "
+                    f"layer 0 has {first.num_experts} on {first.num_shards}"
+                )
+            held = [placement.num_local(s) for s in range(placement.num_shards)]
+            if held != capacity:
+                raise ValueError(f"MoE layer {index}: slots per shard {held}, layer 0 has {capacity}")
+        self.layers = tuple(layers)
+        self.num_layers = len(layers)
+        self.num_experts, self.num_shards = first.num_experts, first.num_shards
+        self.num_slots = first.num_slots
+
+    @classmethod
+    def uniform(
+        cls,
+        num_layers: int,
+        num_experts: int,
+        num_shards: int,
+        strategy: Literal["contiguous", "round_robin"] = "contiguous",
+        redundant: int = 0,
+    ) -> ModelPlacement:
+        """The start placement: the same static one on every MoE layer."""
+        return cls([ExpertPlacement(num_experts, num_shards, strategy, redundant)] * num_layers)
+
+    @property
+    def redundant(self) -> int:
+        return self.num_slots - self.num_experts
+
+    def layer(self, index: int) -> ExpertPlacement:
+        return self.layers[index]
+
+    def num_local(self, shard: int) -> int:
+        return self.layers[0].num_local(shard)
+
+    def slots_of(self, shard: int) -> list[list[int]]:
+        """Per MoE layer, the logical expert of each of `shard`'s slots."""
+        return [placement.experts_of(shard) for placement in self.layers]
+
+    def without_ranks(self, dead: set[int]) -> ModelPlacement | None:
+        """Every layer without the `dead` shards' slots; None when some layer's expert has no live replica."""
+        layers = [placement.without_ranks(dead) for placement in self.layers]
+        return None if any(p is None for p in layers) else ModelPlacement(layers)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelPlacement) and self.layers == other.layers
+
+    def __hash__(self) -> int:
+        return hash(self.layers)
+
+    def __repr__(self) -> str:
+        return f"ModelPlacement({self.num_layers} MoE layers, {self.layers[0]!r} first)"

@@ -68,24 +68,25 @@ class ExpertShard:
         cls,
         reader: CheckpointReader,
         layers: list[int],
-        expert_ids: list[int],
+        slots: list[list[int]],
         dtype: torch.dtype,
         kind: ExpertKind = PLAIN,
     ) -> "ExpertShard":
-        """Load experts `expert_ids` (global ids, in local order) of decoder layers `layers` (the MoE
-        layers, in order), reading only those experts' tensors, straight into `dtype` buffers.
+        """Load, for each of decoder layers `layers` (the MoE layers, in order), the experts of its slots
+        (`slots[i]`: global ids in slot order, as many on every layer), reading only those experts'
+        tensors, straight into `dtype` buffers.
 
         Each layer in whichever layout the checkpoint holds it (experts/layouts.py); `kind` says what
         the family's experts compute and whether they are stored interleaved, with biases.
         """
-        if not layers or not expert_ids:
-            raise ValueError(
-                f"need at least one layer and one expert, got layers={layers} experts={expert_ids}"
-            )
-        inter, hidden = expert_dims(reader, layers[0], expert_ids[0], kind.interleaved)
-        num = len(expert_ids)
+        if not layers or len(slots) != len(layers) or not slots[0]:
+            raise ValueError(f"need one non-empty slot list per layer, got layers={layers} slots={slots}")
+        if any(len(ids) != len(slots[0]) for ids in slots):
+            raise ValueError(f"every layer needs as many slots, got {[len(ids) for ids in slots]}")
+        inter, hidden = expert_dims(reader, layers[0], slots[0][0], kind.interleaved)
+        num = len(slots[0])
         gate_up, down, gate_up_bias, down_bias = [], [], [], []
-        for layer in layers:
+        for layer, expert_ids in zip(layers, slots, strict=True):
             gu = torch.empty(num, 2 * inter, hidden, dtype=dtype)
             dn = torch.empty(num, hidden, inter, dtype=dtype)
             biases = None
@@ -104,34 +105,38 @@ class ExpertShard:
         self,
         reader: CheckpointReader,
         layers: list[int],
-        held: list[int],
-        expert_ids: list[int],
+        held: list[list[int]],
+        slots: list[list[int]],
     ) -> tuple["ExpertShard", int]:
-        """A new shard with experts `expert_ids` in its slots, built beside this one (which holds `held`,
-        and is not written): an expert it holds is copied, the others are read from the checkpoint.
-        Returns it and the bytes read from the checkpoint."""
-        where = {expert: slot for slot, expert in enumerate(held)}
-        new = [e for e in expert_ids if e not in where]
+        """A new shard with, per MoE layer, experts `slots[i]` in its slots, built beside this one (which
+        holds `held[i]`, and is not written): an expert the layer holds is copied, the others are read
+        from the checkpoint. Returns it and the bytes read from the checkpoint."""
         dtype, device = self.gate_up[0].dtype, self.gate_up[0].device
-        fresh = ExpertShard.load(reader, layers, new, dtype, self.kind).to(device) if new else None
-        fresh_slot = {e: i for i, e in enumerate(new)}
-
-        ids, built = expert_ids, {}
-        for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
-            mine, theirs = getattr(self, name), getattr(fresh, name, None)
-            built[name] = mine and [
-                torch.stack([mine[i][where[e]] if e in where else theirs[i][fresh_slot[e]] for e in ids])
-                for i in range(self.num_layers)
-            ]
+        names = ("gate_up", "down", "gate_up_bias", "down_bias")
+        built: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        read = 0
+        for i, (layer, ids) in enumerate(zip(layers, slots, strict=True)):
+            where = {expert: slot for slot, expert in enumerate(held[i])}
+            new = [e for e in ids if e not in where]
+            fresh = ExpertShard.load(reader, [layer], [new], dtype, self.kind).to(device) if new else None
+            read += fresh.nbytes() if fresh else 0
+            fresh_slot = {e: n for n, e in enumerate(new)}
+            for name in names:
+                mine = getattr(self, name)
+                if mine is not None:
+                    theirs = getattr(fresh, name)[0] if fresh else None
+                    built[name].append(
+                        torch.stack([mine[i][where[e]] if e in where else theirs[fresh_slot[e]] for e in ids])
+                    )
         shard = ExpertShard(
             built["gate_up"],
             built["down"],
             self.grouped,
             kind=self.kind,
-            gate_up_bias=built["gate_up_bias"],
-            down_bias=built["down_bias"],
+            gate_up_bias=built["gate_up_bias"] or None,
+            down_bias=built["down_bias"] or None,
         )
-        return shard, fresh.nbytes() if fresh else 0
+        return shard, read
 
     def to(self, device: torch.device) -> "ExpertShard":
         def moved(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from experts.placement import ExpertPlacement
+from experts.placement import ModelPlacement
 from router.config import ModelConfig
 from router.errors import ContextLengthExceeded, InvalidRequest
 from router.exchange import RoutedExperts
@@ -69,7 +69,7 @@ class EngineCore:
         self.last_step: StepStats | None = None
 
     @property
-    def placement(self) -> ExpertPlacement:
+    def placement(self) -> ModelPlacement:
         """The experts' placement now (online rebalancing replaces it between steps)."""
         return self.experts.placement
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from experts.placement import ExpertPlacement
+from experts.placement import ExpertPlacement, ModelPlacement
 from experts.shard import ExpertShard
 from router.errors import TransportError
 from router.transport import OP, Op, Transport, head
@@ -78,27 +78,28 @@ def choose_replicas(
 
 
 class ExpertLoad:
-    """(token, expert) pairs routed to each expert of each MoE layer since the last `take`: the
-    balancer's input, and where in its replicas' round robin each expert stands."""
+    """(token, expert) pairs routed to each expert of each MoE layer since the start: where in its
+    replicas' round robin each expert stands, and, as the difference of two readings of `total`, the
+    load of a window (the rebalancer's)."""
 
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-        self._layers: dict[int, torch.Tensor] = {}
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self._routed: dict[int, torch.Tensor] = {}
 
     def offset(self, layer: int) -> torch.Tensor | None:
-        return self._layers.get(layer)
+        return self._routed.get(layer)
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
         counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
-        total = self._layers.get(layer)
-        self._layers[layer] = counts if total is None else total + counts
+        total = self._routed.get(layer)
+        self._routed[layer] = counts if total is None else total + counts
 
-    def take(self) -> torch.Tensor:
-        """[num_experts] int64 on the CPU, summed over the MoE layers; starts a new window."""
-        layers, self._layers = self._layers, {}
-        if not layers:
-            return torch.zeros(self.num_experts, dtype=torch.int64)
-        return torch.stack(list(layers.values())).sum(0).cpu()
+    def total(self) -> torch.Tensor:
+        """[num_layers, num_experts] int64 on the CPU."""
+        out = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
+        for layer, counts in self._routed.items():
+            out[layer] = counts.cpu()
+        return out
 
 
 def pack_rows(hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ class Dispatched:
 class RoutedExperts(Protocol):
     """What the model calls for the routed part of a MoE layer."""
 
-    placement: ExpertPlacement
+    placement: ModelPlacement
     load: ExpertLoad
 
     def dispatch(
@@ -186,7 +187,7 @@ class TransportExperts:
     """
 
     def __init__(
-        self, transport: Transport, placement: ExpertPlacement, top_k: int, keepalive_s: float = 10.0
+        self, transport: Transport, placement: ModelPlacement, top_k: int, keepalive_s: float = 10.0
     ) -> None:
         if transport.world_size != placement.num_shards + 1:
             raise ValueError(
@@ -195,7 +196,7 @@ class TransportExperts:
         self.transport = transport
         self.placement = placement
         self.version = 0  # of the placement: the expert ranks' slots follow it through SWITCH
-        self.load = ExpertLoad(placement.num_experts)
+        self.load = ExpertLoad(placement.num_layers, placement.num_experts)
         self.top_k = top_k
         self.stats = ExchangeStats()
         self.keepalive_s = keepalive_s
@@ -205,7 +206,7 @@ class TransportExperts:
         self._last_sent = [time.monotonic()] * transport.world_size
         self._answer_format: tuple[int, torch.dtype] = (1, torch.float32)  # a COMBINE row's width and dtype
 
-    def reconnect(self, transport: Transport, placement: ExpertPlacement | None = None) -> None:
+    def reconnect(self, transport: Transport, placement: ModelPlacement | None = None) -> None:
         """A re-formed group with every rank: what was in flight on the old one is lost (the step is
         re-run)."""
         self.transport = transport
@@ -215,7 +216,7 @@ class TransportExperts:
         self._in_flight.clear()
         self._last_sent = [time.monotonic()] * transport.world_size
 
-    def fail_over(self, placement: ExpertPlacement, absent: set[int]) -> None:
+    def fail_over(self, placement: ModelPlacement, absent: set[int]) -> None:
         """Goes on without the (dead) expert ranks in `absent`, by `placement`, which routes to live ranks
         only. The failed step's answers that live ranks still owe are drained first: each echoes a FLUSH
         after everything it was sent before it, so no stale COMBINE is read as the re-run step's."""
@@ -233,7 +234,7 @@ class TransportExperts:
         stats, self.stats = self.stats, ExchangeStats()
         return stats
 
-    def switch(self, placement: ExpertPlacement, version: int) -> None:
+    def switch(self, placement: ModelPlacement, version: int) -> None:
         """From the next dispatch on, `placement`; each rank switches to the slots it prepared for
         `version` when the SWITCH arrives, after every dispatch of the old placement."""
         if placement.num_shards != self.placement.num_shards:
@@ -242,7 +243,7 @@ class TransportExperts:
         self.placement, self.version = placement, version
 
     def dispatch(self, layer, hidden, ids, weights, tag=0):
-        plan = plan_dispatch(ids, weights, self.placement, self.load.offset(layer))
+        plan = plan_dispatch(ids, weights, self.placement.layer(layer), self.load.offset(layer))
         self.load.add(layer, ids)
         payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
         ranks, counts, start, now = [], [], 0, time.monotonic()
@@ -353,10 +354,10 @@ class LocalExperts:
     For single-process use and tests; a cluster uses TransportExperts.
     """
 
-    def __init__(self, shards: list[ExpertShard], placement: ExpertPlacement) -> None:
+    def __init__(self, shards: list[ExpertShard], placement: ModelPlacement) -> None:
         self.shards = shards
         self.placement = placement
-        self.load = ExpertLoad(placement.num_experts)
+        self.load = ExpertLoad(placement.num_layers, placement.num_experts)
         self.stats = ExchangeStats()
 
     def take_stats(self) -> ExchangeStats:
@@ -367,7 +368,7 @@ class LocalExperts:
         return None
 
     def dispatch(self, layer, hidden, ids, weights, tag=0):
-        plan = plan_dispatch(ids, weights, self.placement, self.load.offset(layer))
+        plan = plan_dispatch(ids, weights, self.placement.layer(layer), self.load.offset(layer))
         self.load.add(layer, ids)
         sent = Dispatched(layer, tag, plan.token_index, [], [])
         start = 0

@@ -150,7 +150,8 @@ def test_mixtral_shard_reads_only_its_experts(family_checkpoints, tmp_path) -> N
     kept = {n: t for n, t in tensors.items() if not unowned.search(n)}
     assert len(kept) < len(tensors)
     save_file(kept, tmp_path / "model.safetensors")
-    shard = ExpertShard.load(CheckpointReader(tmp_path), config.moe_layers, owned, torch.float32)
+    layers = config.moe_layers
+    shard = ExpertShard.load(CheckpointReader(tmp_path), layers, [owned] * len(layers), torch.float32)
     inter = config.moe_intermediate_size
     for local, expert in enumerate(owned):
         prefix = f"model.layers.0.block_sparse_moe.experts.{expert}"
@@ -194,7 +195,8 @@ def test_gpt_oss_experts_load_from_the_interleaved_layout_and_compute_as_transfo
     hidden, inter = config.hidden_size, config.moe_intermediate_size
     assert reader.shape(f"{prefix}.gate_up_proj") == (config.num_experts, hidden, 2 * inter)
     owned = [1, 4, 6]
-    shard = ExpertShard.load(reader, config.moe_layers, owned, torch.float32, expert_kind(config))
+    layers = config.moe_layers
+    shard = ExpertShard.load(reader, layers, [owned] * len(layers), torch.float32, expert_kind(config))
     reference = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
     experts = reference.model.layers[1].mlp.experts
     assert experts.gate_up_proj_bias.abs().min() > 0 and experts.limit == 0.5
@@ -211,13 +213,13 @@ def test_gpt_oss_experts_move_into_new_slots_with_their_biases(family_checkpoint
     """A rebalancing's reslot (copy held experts, read the rest) builds what a fresh load would."""
     written = family_checkpoints[GPT_OSS]
     reader, config = CheckpointReader(written), ModelConfig.from_model_dir(written)
-    kind = expert_kind(config)
-    live = ExpertShard.load(reader, config.moe_layers, [1, 4], torch.float32, kind)
-    moved, read = live.reslot(reader, config.moe_layers, [1, 4], [4, 0, 1])
-    fresh = ExpertShard.load(reader, config.moe_layers, [4, 0, 1], torch.float32, kind)
+    kind, layers = expert_kind(config), config.moe_layers
+    live = ExpertShard.load(reader, layers, [[1, 4]] * len(layers), torch.float32, kind)
+    moved, read = live.reslot(reader, layers, [[1, 4]] * len(layers), [[4, 0, 1]] * len(layers))
+    fresh = ExpertShard.load(reader, layers, [[4, 0, 1]] * len(layers), torch.float32, kind)
     assert (
         moved.kind == kind
-        and read == ExpertShard.load(reader, config.moe_layers, [0], torch.float32, kind).nbytes()
+        and read == ExpertShard.load(reader, layers, [[0]] * len(layers), torch.float32, kind).nbytes()
     )
     for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
         for got, want in zip(getattr(moved, name), getattr(fresh, name), strict=True):

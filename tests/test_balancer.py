@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from experts.balancer import imbalance, rebalance, replica_counts
-from experts.placement import ExpertPlacement
+from experts.balancer import imbalance, rebalance, rebalance_model, replica_counts, step_imbalance
+from experts.placement import ExpertPlacement, ModelPlacement
 
 
 def _zipf(num_experts: int, seed: int, skew: float = 1.2) -> torch.Tensor:
@@ -65,3 +65,26 @@ def test_rebalance_on_a_placement_without_a_dead_rank_uses_only_live_ranks():
     placement = rebalance(load, live)
     assert placement.num_local(1) == 0
     assert placement.rank_load(load).max() <= live.rank_load(load).max()
+
+
+def test_each_layer_is_balanced_on_its_own_load():
+    """Other hot experts on each layer: one placement for both could not even out both layers (what
+    a placement balanced on the summed load does), one per layer evens out each."""
+    start = ModelPlacement.uniform(2, 8, 4, redundant=4)
+    load = torch.full((2, 8), 10)
+    load[0, 0] = 800  # layer 0: on shard 0 in the static placement, and cold on layer 1
+    load[1, 7] = 800  # layer 1: on shard 3
+    balanced = rebalance_model(load, start)
+    for layer in range(2):
+        assert imbalance(start.layer(layer), load[layer]) > 1.8
+        assert imbalance(balanced.layer(layer), load[layer]) < 1.25
+        assert balanced.layer(layer) == rebalance(load[layer], start.layer(layer))
+    shared = rebalance(load.sum(0), start.layer(0))
+    assert step_imbalance(balanced, load) < step_imbalance(ModelPlacement([shared, shared]), load)
+    assert step_imbalance(start, load) == pytest.approx(
+        sum(float(start.layer(i).rank_load(load[i]).max()) for i in range(2))
+        / sum(float(start.layer(i).rank_load(load[i]).mean()) for i in range(2))
+    )
+    assert rebalance_model(torch.zeros(2, 8, dtype=torch.long), start) is start
+    with pytest.raises(ValueError, match="expected \\(2, 8\\)"):
+        rebalance_model(torch.zeros(8), start)

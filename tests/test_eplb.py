@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.engine import Engine
+from tests.conftest import HOT_EXPERTS
 from tests.toolkit import scrape, wait_for
 
 PROMPTS = [[7 * i + j for j in range(3 + i)] for i in range(1, 7)]
@@ -29,6 +30,7 @@ def test_rebalancing_evens_out_a_skewed_load(ray_cluster, metrics_export_port, s
         expert_shards=4,
         redundant_experts=4,
         eplb_interval_s=3.0,
+        eplb_window_s=3.0,
         router_cpus=0.5,
         expert_cpus=0.5,
         dtype="float32",
@@ -46,21 +48,15 @@ def test_rebalancing_evens_out_a_skewed_load(ray_cluster, metrics_export_port, s
         engine.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
         balanced = engine.stats(reset=True)["rank_pairs"]
         info = engine.info()
-        # the export catches up with the rebalanced windows (a window spanning the switch mixes both).
-        # One placement serves every layer (balanced on their summed load), so a single layer may stay
-        # above the target: the layers' mean is held to it, each layer to less than its static value.
-        balanced_gauge_ok = wait_for(lambda: sum(gauge()) / len(gauge()) <= 1.25, 60)
+        # the export catches up with the rebalanced windows (a window spanning the switch mixes both)
+        balanced_gauge_ok = wait_for(lambda: max(gauge()) <= 1.25, 60)
         balanced_gauge = gauge()
         print("imbalance gauge: static", static_gauge, "rebalanced", balanced_gauge)
     assert len(static) == len(balanced) == 4
     assert _imbalance(static) >= 2.0, static
     assert _imbalance(balanced) <= 1.25, balanced
     assert min(static_gauge) >= 2.0, static_gauge
-    assert balanced_gauge_ok, balanced_gauge
-    assert all(b < s for b, s in zip(balanced_gauge, static_gauge, strict=True)), (
-        static_gauge,
-        balanced_gauge,
-    )
+    assert balanced_gauge_ok, balanced_gauge  # every MoE layer, each balanced on its own load
     assert info["eplb"]["bytes_moved"] > 0
-    hot_replicas = [sum(e in x["slots"] for x in info["experts"]) for e in (0, 1, 2)]
-    assert sum(hot_replicas) > 3  # the hot experts got the extra slots
+    for layer in range(2):  # the hot experts got the extra slots, on each layer
+        assert sum(e in x["slots"][layer] for x in info["experts"] for e in HOT_EXPERTS) > len(HOT_EXPERTS)

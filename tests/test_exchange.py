@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from cluster.transport.gloo import GlooTransport
-from experts.placement import ExpertPlacement
+from experts.balancer import rebalance
+from experts.placement import ExpertPlacement, ModelPlacement
 from experts.shard import ExpertShard
 from router.errors import TransportError
 from router.exchange import (
@@ -65,13 +66,22 @@ def _experts(num_experts: int, gen: torch.Generator) -> tuple[list[torch.Tensor]
     return gate_up, down
 
 
+def _on_every_layer(placement: ExpertPlacement) -> ModelPlacement:
+    return ModelPlacement([placement] * NUM_LAYERS)
+
+
 def _shards(
-    placement: ExpertPlacement, gate_up: list[torch.Tensor], down: list[torch.Tensor], dtype: torch.dtype
+    placement: ModelPlacement, gate_up: list[torch.Tensor], down: list[torch.Tensor], dtype: torch.dtype
 ) -> list[ExpertShard]:
     shards = []
     for shard in range(placement.num_shards):
-        owned = torch.tensor(placement.experts_of(shard))
-        shards.append(ExpertShard([g[owned].to(dtype) for g in gate_up], [d[owned].to(dtype) for d in down]))
+        owned = [torch.tensor(ids) for ids in placement.slots_of(shard)]
+        shards.append(
+            ExpertShard(
+                [g[ids].to(dtype) for g, ids in zip(gate_up, owned, strict=True)],
+                [d[ids].to(dtype) for d, ids in zip(down, owned, strict=True)],
+            )
+        )
     return shards
 
 
@@ -252,13 +262,48 @@ def test_local_experts_equal_dense_reference(num_shards: int, strategy: str, red
     gen = torch.Generator().manual_seed(num_shards)
     placement = ExpertPlacement(num_experts, num_shards, strategy, redundant)
     gate_up, down = _experts(num_experts, gen)
-    local = LocalExperts(_shards(placement, gate_up, down, torch.float32), placement)
+    layered = _on_every_layer(placement)
+    local = LocalExperts(_shards(layered, gate_up, down, torch.float32), layered)
     for name, ids, weights in _edge_routings(placement, k, gen):
         for layer in range(NUM_LAYERS):
             hidden = torch.randn(ids.shape[0], HIDDEN, generator=gen)
             out = local.combine(local.dispatch(layer, hidden, ids, weights), _shared(hidden))
             ref = _dense_reference(layer, hidden, ids, weights, gate_up, down)
             torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=f"{name}, layer {layer}")
+
+
+def _per_layer_placement(num_experts: int, num_shards: int, redundant: int) -> ModelPlacement:
+    """Layer 0 static, layer 1 balanced for a load of its own (other slots, other replica counts)."""
+    static = ExpertPlacement(num_experts, num_shards, redundant=redundant)
+    hot = torch.ones(num_experts, dtype=torch.long)
+    hot[[0, 1]] = 100  # both on shard 0 in the static placement
+    layers = [static, rebalance(hot, static)]
+    assert layers[1] != static and len(layers[1].replicas_of(0)) > 1, "precondition: layer 1 differs"
+    return ModelPlacement(layers)
+
+
+def test_each_layer_dispatches_by_its_own_placement() -> None:
+    """Over gloo and in process, layer by layer, equal to the dense reference: each layer's slots hold
+    that layer's experts, and the plan of each layer follows that layer's placement."""
+    num_experts, k = 10, 3
+    gen = torch.Generator().manual_seed(21)
+    placement = _per_layer_placement(num_experts, 3, 5)
+    gate_up, down = _experts(num_experts, gen)
+    shards = _shards(placement, gate_up, down, torch.float32)
+    local = LocalExperts(shards, placement)
+    group = ExpertGroup(shards, k, torch.float32)
+    with group:
+        remote = TransportExperts(group.router, placement, k)
+        for _ in range(3):
+            for layer in range(NUM_LAYERS):
+                ids, weights = _routing(7, k, list(range(num_experts)), gen)
+                hidden = torch.randn(7, HIDDEN, generator=gen)
+                ref = _dense_reference(layer, hidden, ids, weights, gate_up, down)
+                for experts in (local, remote):
+                    out = experts.combine(experts.dispatch(layer, hidden, ids, weights), _shared(hidden))
+                    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        remote.stop()
+    assert not group.errors, group.errors
 
 
 def test_idle_shard_routing_really_leaves_a_shard_without_rows() -> None:
@@ -345,7 +390,7 @@ def _fp32_group(
     gen = torch.Generator().manual_seed(seed)
     placement = ExpertPlacement(num_experts, num_shards, strategy)
     gate_up, down = _experts(num_experts, gen)
-    shards = _shards(placement, gate_up, down, torch.float32)
+    shards = _shards(_on_every_layer(placement), gate_up, down, torch.float32)
     return placement, gen, shards, ExpertGroup(shards, k, torch.float32, timeout_s)
 
 
@@ -366,15 +411,15 @@ def test_transport_experts_over_gloo_equal_local_experts(
     gen = torch.Generator().manual_seed(num_experts * 10 + num_shards)
     placement = ExpertPlacement(num_experts, num_shards, strategy)
     gate_up, down = _experts(num_experts, gen)
-    shards = _shards(placement, gate_up, down, dtype)
-    local = LocalExperts(shards, placement)
+    shards = _shards(_on_every_layer(placement), gate_up, down, dtype)
+    local = LocalExperts(shards, _on_every_layer(placement))
     steps = _step_routings(placement, k, gen)
     inputs = [[torch.randn(ids.shape[0], HIDDEN, generator=gen).to(dtype) for ids, _ in s] for s in steps]
     expected_messages = {r: 0 for r in range(1, num_shards + 1)}
 
     group = ExpertGroup(shards, k, dtype)
     with group:
-        remote = TransportExperts(group.router, placement, k)
+        remote = TransportExperts(group.router, _on_every_layer(placement), k)
         for step, step_inputs in zip(steps, inputs, strict=True):
             for layer, ((ids, weights), hidden) in enumerate(zip(step, step_inputs, strict=True)):
                 before = remote.stats.payload_bytes, remote.stats.meta_bytes
@@ -409,9 +454,9 @@ def test_two_micro_batches_interleave_on_the_expert_ranks() -> None:
     micro-batch's, with A's and B's rows in flight on every rank at once."""
     num_experts, k = 8, 2
     placement, gen, shards, group = _fp32_group(num_experts, 2, k, seed=5, strategy="round_robin")
-    local = LocalExperts(shards, placement)
+    local = LocalExperts(shards, _on_every_layer(placement))
     with group:
-        remote = TransportExperts(group.router, placement, k)
+        remote = TransportExperts(group.router, _on_every_layer(placement), k)
         for layer in range(NUM_LAYERS):
             batches = [
                 (*_routing(n, k, list(range(num_experts)), gen), torch.randn(n, HIDDEN, generator=gen))
@@ -442,7 +487,7 @@ def test_a_rank_that_owns_no_routed_expert_gets_no_message_and_the_router_does_n
     k = 2
     placement, gen, _, group = _fp32_group(6, 2, k, seed=9, timeout_s=3)
     with group:
-        remote = TransportExperts(group.router, placement, k)
+        remote = TransportExperts(group.router, _on_every_layer(placement), k)
         for layer in range(NUM_LAYERS):
             ids, weights = _routing(4, k, placement.experts_of(0), gen)
             hidden = torch.randn(4, HIDDEN, generator=gen)
@@ -460,7 +505,7 @@ def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() ->
     k = 1
     placement, gen, _, group = _fp32_group(4, 2, k, seed=4, timeout_s=1)
     with group:
-        remote = TransportExperts(group.router, placement, k, keepalive_s=0.2)
+        remote = TransportExperts(group.router, _on_every_layer(placement), k, keepalive_s=0.2)
         ids, weights = _routing(2, k, placement.experts_of(0), gen)
         hidden = torch.randn(2, HIDDEN, generator=gen)
         layers, deadline = 0, time.monotonic() + 2.0
@@ -475,7 +520,7 @@ def test_a_rank_left_without_rows_for_longer_than_its_timeout_is_kept_alive() ->
 def test_release_ends_the_live_ranks_loops_at_once() -> None:
     """What ModelInstance.rebuild does after a failure: the live ranks stop long before their 30 s timeout."""
     placement, gen, _, group = _fp32_group(4, 2, 1, seed=3, timeout_s=30)
-    remote = TransportExperts(group.router, placement, 1)
+    remote = TransportExperts(group.router, _on_every_layer(placement), 1)
     ids, weights = _routing(2, 1, list(range(4)), gen)
     remote.dispatch(0, torch.randn(2, HIDDEN, generator=gen), ids, weights)  # never combined
     started = time.monotonic()
@@ -491,7 +536,7 @@ def test_release_ends_the_live_ranks_loops_at_once() -> None:
 def test_a_dead_expert_rank_is_a_transport_error_on_the_router() -> None:
     placement, gen, _, group = _fp32_group(4, 1, 2, seed=2, timeout_s=2)
     with group:
-        remote = TransportExperts(group.router, placement, 2)
+        remote = TransportExperts(group.router, _on_every_layer(placement), 2)
         remote.stop()  # the rank's loop ends: nobody answers the next dispatch
         ids, weights = _routing(3, 2, list(range(4)), gen)
         sent = remote.dispatch(0, torch.randn(3, HIDDEN, generator=gen), ids, weights)
@@ -502,7 +547,7 @@ def test_a_dead_expert_rank_is_a_transport_error_on_the_router() -> None:
 def test_transport_experts_checks_the_world_size() -> None:
     placement = ExpertPlacement(8, 3)
     with pytest.raises(ValueError, match="placement needs 4"):
-        TransportExperts(types.SimpleNamespace(world_size=3), placement, 2)
+        TransportExperts(types.SimpleNamespace(world_size=3), _on_every_layer(placement), 2)
 
 
 def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() -> None:
@@ -514,10 +559,10 @@ def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() ->
     gen = torch.Generator().manual_seed(11)
     placement = ExpertPlacement(num_experts, 3, redundant=num_experts)
     gate_up, down = _experts(num_experts, gen)
-    shards = _shards(placement, gate_up, down, torch.float32)
+    shards = _shards(_on_every_layer(placement), gate_up, down, torch.float32)
     group = ExpertGroup(shards, k, torch.float32, timeout_s=2)
     with group:
-        remote = TransportExperts(group.router, placement, k)
+        remote = TransportExperts(group.router, _on_every_layer(placement), k)
         ids, weights = _routing(9, k, list(range(num_experts)), gen)
         hidden = torch.randn(9, HIDDEN, generator=gen)
         remote.transport.send(2, [0, 0, 0, 0])  # STOP: rank 2 answers nothing from now on
@@ -527,8 +572,8 @@ def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() ->
             remote.combine(sent, torch.zeros(9, HIDDEN))
         assert failed.value.rank == 2
         degraded = placement.without_ranks({1})
-        remote.fail_over(degraded, absent={2})
-        local = LocalExperts(shards, degraded)
+        remote.fail_over(_on_every_layer(degraded), absent={2})
+        local = LocalExperts(shards, _on_every_layer(degraded))
         want = local.combine(local.dispatch(0, hidden, ids, weights), _shared(hidden))
         again = remote.dispatch(0, hidden, ids, weights)
         assert again.ranks == [1, 3]

@@ -18,6 +18,11 @@ TOP_K = 3
 MOE_LAYERS = [1, 2]  # num_hidden_layers=3 with num_dense_layers=1
 
 
+def every_layer(ids: list[int]) -> list[list[int]]:
+    """The same experts in the slots of every MoE layer."""
+    return [ids] * len(MOE_LAYERS)
+
+
 @dataclass
 class Checkpoints:
     model: AfmoeForCausalLM
@@ -108,7 +113,7 @@ def test_layouts_load_identical_weights(checkpoints: Checkpoints, strategy: str)
     for shard in range(3):
         ids = placement.experts_of(shard)
         loaded = [
-            ExpertShard.load(CheckpointReader(d), MOE_LAYERS, ids, torch.float32)
+            ExpertShard.load(CheckpointReader(d), MOE_LAYERS, every_layer(ids), torch.float32)
             for d in (checkpoints.per_expert, checkpoints.fused, checkpoints.sharded)
         ]
         for ordinal, layer in enumerate(MOE_LAYERS):
@@ -119,7 +124,9 @@ def test_layouts_load_identical_weights(checkpoints: Checkpoints, strategy: str)
 
 
 def test_shard_attributes(checkpoints: Checkpoints) -> None:
-    shard = ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [2, 5, 7], torch.bfloat16)
+    shard = ExpertShard.load(
+        CheckpointReader(checkpoints.fused), MOE_LAYERS, every_layer([2, 5, 7]), torch.bfloat16
+    )
     assert (shard.num_layers, shard.num_local_experts) == (2, 3)
     assert (shard.hidden_size, shard.intermediate_size) == (32, 16)
     assert shard.gate_up[0].dtype == shard.down[1].dtype == torch.bfloat16
@@ -131,7 +138,10 @@ def test_shard_attributes(checkpoints: Checkpoints) -> None:
 def test_forward_matches_transformers(checkpoints: Checkpoints, strategy: str, layout: str) -> None:
     placement = ExpertPlacement(NUM_EXPERTS, 3, strategy)
     reader = CheckpointReader(getattr(checkpoints, layout))
-    shards = [ExpertShard.load(reader, MOE_LAYERS, placement.experts_of(s), torch.float32) for s in range(3)]
+    shards = [
+        ExpertShard.load(reader, MOE_LAYERS, every_layer(placement.experts_of(s)), torch.float32)
+        for s in range(3)
+    ]
     gen = torch.Generator().manual_seed(1)
     for ordinal, layer in enumerate(MOE_LAYERS):
         hidden = torch.randn(23, 32, generator=gen)
@@ -151,7 +161,7 @@ def test_forward_matches_transformers(checkpoints: Checkpoints, strategy: str, l
 
 def test_forward_single_shard_owning_all(checkpoints: Checkpoints) -> None:
     shard = ExpertShard.load(
-        CheckpointReader(checkpoints.per_expert), MOE_LAYERS, list(range(10)), torch.float32
+        CheckpointReader(checkpoints.per_expert), MOE_LAYERS, every_layer(list(range(10))), torch.float32
     )
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(40, 32, generator=gen)
@@ -162,7 +172,9 @@ def test_forward_single_shard_owning_all(checkpoints: Checkpoints) -> None:
 
 
 def test_forward_empty_and_unrouted(checkpoints: Checkpoints) -> None:
-    shard = ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [0, 1, 2], torch.float32)
+    shard = ExpertShard.load(
+        CheckpointReader(checkpoints.fused), MOE_LAYERS, every_layer([0, 1, 2]), torch.float32
+    )
     empty = shard.forward(
         0, torch.empty(0, 32), torch.empty(0, TOP_K, dtype=torch.int64), torch.empty(0, TOP_K)
     )
@@ -176,7 +188,9 @@ def test_forward_empty_and_unrouted(checkpoints: Checkpoints) -> None:
 
 
 def test_forward_rejects_unknown_local_expert(checkpoints: Checkpoints) -> None:
-    shard = ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [0, 1, 2], torch.float32)
+    shard = ExpertShard.load(
+        CheckpointReader(checkpoints.fused), MOE_LAYERS, every_layer([0, 1, 2]), torch.float32
+    )
     with pytest.raises(ValueError, match="local expert id 3 >= 3"):
         shard.forward(0, torch.randn(1, 32), torch.tensor([[3, 0, -1]]), torch.rand(1, TOP_K))
 
@@ -184,8 +198,8 @@ def test_forward_rejects_unknown_local_expert(checkpoints: Checkpoints) -> None:
 def test_forward_bfloat16(checkpoints: Checkpoints) -> None:
     reader = CheckpointReader(checkpoints.per_expert)
     ids = [1, 3, 8]
-    exact = ExpertShard.load(reader, MOE_LAYERS, ids, torch.float32)
-    half = ExpertShard.load(reader, MOE_LAYERS, ids, torch.bfloat16)
+    exact = ExpertShard.load(reader, MOE_LAYERS, every_layer(ids), torch.float32)
+    half = ExpertShard.load(reader, MOE_LAYERS, every_layer(ids), torch.bfloat16)
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(16, 32, generator=gen)
     local_ids = torch.randint(-1, 3, (16, TOP_K), generator=gen)
@@ -200,7 +214,7 @@ def test_loads_only_owned_experts(checkpoints: Checkpoints, tmp_path: Path) -> N
     tensors = load_file(checkpoints.per_expert / "model.safetensors")
     unowned = re.compile(rf"\.mlp\.experts\.(?!({'|'.join(map(str, owned))})\.)")
     save_file({n: t for n, t in tensors.items() if not unowned.search(n)}, tmp_path / "model.safetensors")
-    shard = ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, owned, torch.float32)
+    shard = ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, every_layer(owned), torch.float32)
     assert torch.equal(shard.down[0], _experts(checkpoints.model, MOE_LAYERS[0]).down_proj.detach()[owned])
 
 
@@ -211,7 +225,7 @@ def test_missing_expert_tensor_named(checkpoints: Checkpoints, tmp_path: Path) -
     with pytest.raises(
         CheckpointError, match=r"tensor model\.layers\.2\.mlp\.experts\.6\.up_proj\.weight not found"
     ):
-        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, [5, 6], torch.float32)
+        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, every_layer([5, 6]), torch.float32)
 
 
 def test_per_expert_shape_mismatch_named(checkpoints: Checkpoints, tmp_path: Path) -> None:
@@ -221,7 +235,7 @@ def test_per_expert_shape_mismatch_named(checkpoints: Checkpoints, tmp_path: Pat
     name = re.escape("model.layers.2.mlp.experts.1.down_proj.weight")
     message = rf"tensor {name} .*expected shape \(32, 16\), found \(32, 15\)"
     with pytest.raises(CheckpointError, match=message):
-        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, [0, 1], torch.float32)
+        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, every_layer([0, 1]), torch.float32)
 
 
 def test_fused_shape_mismatch_named(checkpoints: Checkpoints, tmp_path: Path) -> None:
@@ -231,12 +245,12 @@ def test_fused_shape_mismatch_named(checkpoints: Checkpoints, tmp_path: Path) ->
     name = re.escape("model.layers.2.mlp.experts.down_proj")
     message = rf"tensor {name} .*expected shape \(10, 32, 16\), found \(10, 16, 32\)"
     with pytest.raises(CheckpointError, match=message):
-        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, [0, 1], torch.float32)
+        ExpertShard.load(CheckpointReader(tmp_path), MOE_LAYERS, every_layer([0, 1]), torch.float32)
 
 
 def test_fused_expert_out_of_range(checkpoints: Checkpoints) -> None:
     with pytest.raises(CheckpointError, match="holds 10 experts, expert 10 requested"):
-        ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, [9, 10], torch.float32)
+        ExpertShard.load(CheckpointReader(checkpoints.fused), MOE_LAYERS, every_layer([9, 10]), torch.float32)
 
 
 def test_constructor_validates_shapes() -> None:
@@ -265,14 +279,35 @@ def test_grouped_gemm_matches_the_per_expert_loop(dtype, tol):
 
 def test_reslot_copies_held_experts_reads_the_others_and_leaves_the_live_shard_alone(checkpoints) -> None:
     reader = CheckpointReader(checkpoints.fused)
-    live = ExpertShard.load(reader, MOE_LAYERS, [2, 5, 7], torch.float32)
+    live = ExpertShard.load(reader, MOE_LAYERS, every_layer([2, 5, 7]), torch.float32)
     before = [t.clone() for t in live.gate_up]
-    new, read = live.reslot(reader, MOE_LAYERS, [2, 5, 7], [7, 0, 2, 9])
-    fresh = ExpertShard.load(reader, MOE_LAYERS, [7, 0, 2, 9], torch.float32)
+    new, read = live.reslot(reader, MOE_LAYERS, every_layer([2, 5, 7]), every_layer([7, 0, 2, 9]))
+    fresh = ExpertShard.load(reader, MOE_LAYERS, every_layer([7, 0, 2, 9]), torch.float32)
     for layer in range(2):
         assert torch.equal(new.gate_up[layer], fresh.gate_up[layer])
         assert torch.equal(new.down[layer], fresh.down[layer])
         assert torch.equal(live.gate_up[layer], before[layer])
         assert new.gate_up[layer].data_ptr() != live.gate_up[layer].data_ptr()
     assert read == 2 * 2 * (2 * 16 * 32 + 32 * 16) * 4  # experts 0 and 9, two layers, fp32
-    assert live.reslot(reader, MOE_LAYERS, [2, 5, 7], [5, 2])[1] == 0
+    assert live.reslot(reader, MOE_LAYERS, every_layer([2, 5, 7]), every_layer([5, 2]))[1] == 0
+
+
+def test_each_layer_holds_and_reslots_its_own_experts(checkpoints) -> None:
+    """Per-layer slots (a placement balanced layer by layer): each layer's slots hold that layer's
+    experts, and a reslot reads from the checkpoint only what each layer did not hold."""
+    reader = CheckpointReader(checkpoints.fused)
+    held = [[2, 5, 7], [0, 1, 9]]
+    live = ExpertShard.load(reader, MOE_LAYERS, held, torch.float32)
+    for layer, ids in enumerate(held):
+        alone = ExpertShard.load(reader, [MOE_LAYERS[layer]], [ids], torch.float32)
+        assert torch.equal(live.gate_up[layer], alone.gate_up[0])
+        assert torch.equal(live.down[layer], alone.down[0])
+    wanted = [[7, 2, 3], [1, 0, 9]]  # layer 0 reads expert 3; layer 1 only reorders
+    new, read = live.reslot(reader, MOE_LAYERS, held, wanted)
+    fresh = ExpertShard.load(reader, MOE_LAYERS, wanted, torch.float32)
+    for layer in range(2):
+        assert torch.equal(new.gate_up[layer], fresh.gate_up[layer])
+        assert torch.equal(new.down[layer], fresh.down[layer])
+    assert read == (2 * 16 * 32 + 32 * 16) * 4  # one expert of one layer, fp32
+    with pytest.raises(ValueError, match="as many slots"):
+        ExpertShard.load(reader, MOE_LAYERS, [[2, 5], [0]], torch.float32)

@@ -21,7 +21,7 @@ from cluster.metrics.engine import EngineMetrics, ExpertGroupState
 from cluster.metrics.experts import ExpertMetrics
 from cluster.serve import ingress, streaming
 from cluster.serve.protocol import OpenAIError
-from experts.placement import ExpertPlacement
+from experts.placement import ExpertPlacement, ModelPlacement
 from router.engine_core import EngineCore
 from router.expert_loop import ExpertStats
 from router.sampling import SamplingParams
@@ -214,7 +214,7 @@ def test_dropped_requests_leave_nothing_behind(recorded, demo_model):
 
 
 def test_expert_group_and_rebalancing_gauges(recorded, demo_model):
-    core = local_core(demo_model)
+    core = local_core(demo_model, shards=2)
     state = ExpertGroupState(
         ranks_in_group=1,
         experts_without_replica=3,
@@ -223,10 +223,19 @@ def test_expert_group_and_rebalancing_gauges(recorded, demo_model):
         rebalance_bytes=1000,
         last_rebalance=(2.5, 1.1),
     )
+    # a placement balanced per layer: the last expert has a second replica on layer 0 only
+    last = core.config.num_experts - 1
+    base = ExpertPlacement(core.config.num_experts, 2)
+    first, second = base.experts_of(0), base.experts_of(1)
+    core.experts.placement = ModelPlacement(
+        [ExpertPlacement.from_slots(last + 1, [[*first, last], [*second, 0]])]
+        + [ExpertPlacement.from_slots(last + 1, [[*first, second[0]], [*second, 0]])]
+        * (len(core.config.moe_layers) - 1)
+    )
     metrics = EngineMetrics(core, "demo", "i", lambda: False, lambda: 0, group_state=lambda: state)
     metrics.idle()
-    replicas = recorded["moe_expert_replicas"]
-    assert {t["expert"]: v for v, t in replicas.points} == {str(e): 1 for e in range(core.config.num_experts)}
+    replicas = {t["expert"]: v for v, t in recorded["moe_expert_replicas"].points}
+    assert replicas == {str(e): 2 if e == 0 else 1 for e in range(core.config.num_experts)}
     assert recorded["moe_expert_ranks_in_group"].last() == 1
     assert recorded["moe_experts_without_replica"].last() == 3
     assert recorded["moe_expert_failovers"].last() == 2

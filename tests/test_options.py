@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "redundant_experts": 2,
     "eplb": False,
     "eplb_interval_s": 5.0,
+    "eplb_window_s": 20.0,
     "device": "cpu",
     "dtype": "float32",
     "router_cpus": 0.5,

@@ -8,7 +8,7 @@ import torch
 from transformers import AfmoeForCausalLM
 
 from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
+from experts.placement import ModelPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
 from router.engine_core import EngineCore, default_cache_bytes
@@ -55,9 +55,9 @@ def _core(model_dir, overlap: bool, shards: int = 2) -> EngineCore:
     config = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
     cpu, dtype = torch.device("cpu"), torch.float32
-    placement = ExpertPlacement(config.num_experts, shards)
+    placement = ModelPlacement.uniform(len(config.moe_layers), config.num_experts, shards)
     loaded = [
-        ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype, expert_kind(config))
+        ExpertShard.load(reader, config.moe_layers, placement.slots_of(s), dtype, expert_kind(config))
         for s in range(shards)
     ]
     cache = KVCache(config, default_cache_bytes(config, 8, 128, 4, dtype), 8, 4, dtype, cpu)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from experts.placement import ExpertPlacement, max_redundant
+from experts.placement import ExpertPlacement, ModelPlacement, max_redundant
 
 
 def test_contiguous_uneven_split_gives_first_shards_one_more() -> None:
@@ -122,3 +122,31 @@ def test_from_slots_refuses_two_replicas_on_one_shard_and_unplaced_experts() -> 
         ExpertPlacement.from_slots(3, [[0, 1, 0], [2]])
     with pytest.raises(ValueError, match=r"experts \[2\] have no slot"):
         ExpertPlacement.from_slots(3, [[0], [1]])
+
+
+def test_a_model_placement_is_one_placement_per_layer_with_equal_slot_counts() -> None:
+    start = ModelPlacement.uniform(3, 6, 3, redundant=3)
+    assert start.num_layers == 3 and start.redundant == 3
+    assert start.slots_of(1) == [start.layer(0).experts_of(1)] * 3
+    moved = ExpertPlacement.from_slots(6, [[5, 0, 1], [2, 3, 0], [4, 5, 1]])
+    assert [moved.num_local(s) for s in range(3)] == [start.num_local(s) for s in range(3)]
+    layered = ModelPlacement([start.layer(0), moved, start.layer(2)])
+    assert layered.slots_of(0) == [start.layer(0).experts_of(0), [5, 0, 1], start.layer(2).experts_of(0)]
+    assert layered != start and layered == ModelPlacement([start.layer(0), moved, start.layer(2)])
+    with pytest.raises(ValueError, match="slots per shard"):
+        ModelPlacement([start.layer(0), ExpertPlacement.from_slots(6, [[0, 1, 2, 3], [4, 5], [0]])])
+    with pytest.raises(ValueError, match="experts on"):
+        ModelPlacement([start.layer(0), ExpertPlacement(7, 3, redundant=2)])
+    with pytest.raises(ValueError, match="at least one"):
+        ModelPlacement([])
+
+
+def test_a_model_placement_without_ranks_needs_every_layer_covered() -> None:
+    twice = ExpertPlacement.from_slots(3, [[0, 1], [1, 2], [2, 0]])  # every expert on two shards
+    once = ExpertPlacement.from_slots(3, [[0, 1], [0, 1], [2, 0]])  # expert 2 on shard 2 only
+    layered = ModelPlacement([twice, once])
+    assert layered.without_ranks({2}) is None  # layer 1 loses its only copy of expert 2
+    survivor = layered.without_ranks({0})
+    assert survivor is not None
+    assert survivor.layers == (twice.without_ranks({0}), once.without_ranks({0}))
+    assert survivor.num_local(0) == 0

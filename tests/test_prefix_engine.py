@@ -9,7 +9,7 @@ import torch
 from transformers import AfmoeForCausalLM
 
 from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
+from experts.placement import ModelPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
 from router.engine_core import EngineCore, default_cache_bytes
@@ -36,8 +36,8 @@ def local_core(
     config = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
     cpu, dtype = torch.device("cpu"), torch.float32
-    placement = ExpertPlacement(config.num_experts, 2)
-    shards = [ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype) for s in range(2)]
+    placement = ModelPlacement.uniform(len(config.moe_layers), config.num_experts, 2)
+    shards = [ExpertShard.load(reader, config.moe_layers, placement.slots_of(s), dtype) for s in range(2)]
     budget = cache_bytes or default_cache_bytes(
         config, max_num_seqs, max_model_len, block_size, dtype, max_num_batched_tokens
     )

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
+from experts.placement import ModelPlacement
 from experts.shard import ExpertShard
 from router.config import ModelConfig
 from router.engine_core import EngineCore, TokenEvent, default_cache_bytes
@@ -87,10 +87,10 @@ def local_core(
     config = ModelConfig.from_model_dir(model_dir)
     reader = CheckpointReader(model_dir)
     cpu = torch.device("cpu")
-    placement = ExpertPlacement(config.num_experts, shards)
+    placement = ModelPlacement.uniform(len(config.moe_layers), config.num_experts, shards)
     experts = LocalExperts(
         [
-            ExpertShard.load(reader, config.moe_layers, placement.experts_of(s), dtype, expert_kind(config))
+            ExpertShard.load(reader, config.moe_layers, placement.slots_of(s), dtype, expert_kind(config))
             for s in range(shards)
         ],
         placement,

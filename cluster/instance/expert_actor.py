@@ -25,10 +25,10 @@ from router.weights import expert_kind
 
 @ray.remote
 class ExpertActor:
-    """`slots`: the logical expert of each of this shard's slots, in slot order, of the placement
-    with version `version` (0 at start, bumped by each rebalance)."""
+    """`slots`: per MoE layer, the logical expert of each of this shard's slots, in slot order, of the
+    placement with version `version` (0 at start, bumped by each rebalance)."""
 
-    def __init__(self, config: EngineConfig, shard: int, slots: list[int], version: int = 0) -> None:
+    def __init__(self, config: EngineConfig, shard: int, slots: list[list[int]], version: int = 0) -> None:
         limit_threads(config.expert_cpus)
         self.config, self.shard_index = config, shard
         model = ModelConfig.from_model_dir(config.model_path)
@@ -41,7 +41,7 @@ class ExpertActor:
         )
         self.shard = shard_weights.to(self.device)
         # placement version -> (its slots, their weights): the live one, and one prepared or just left
-        self._versions = {version: (list(slots), self.shard)}
+        self._versions = {version: (slots, self.shard)}
         self.version = version
         self._lock = threading.Lock()
         self.metrics = ExpertMetrics(model_instance_id(), shard) if config.metrics else None
@@ -57,7 +57,7 @@ class ExpertActor:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
-    def prepare(self, version: int, slots: list[int]) -> int:
+    def prepare(self, version: int, slots: list[list[int]]) -> int:
         """Builds the slots of placement `version` beside the live ones, while the loop serves with
         those; returns the bytes read from the checkpoint (experts this shard did not hold)."""
         with self._lock:
@@ -66,7 +66,7 @@ class ExpertActor:
         reader = CheckpointReader(self.config.model_path)
         shard, moved = live.reslot(reader, self.moe_layers, held, slots)
         with self._lock:
-            self._versions[version] = (list(slots), shard)
+            self._versions[version] = (slots, shard)
         return moved
 
     def _use(self, version: int) -> ExpertShard:

@@ -11,6 +11,7 @@ import logging
 import os
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -31,7 +32,7 @@ from cluster.options.engine import EngineConfig
 from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.per_peer import carrier
 from experts.checkpoint import CheckpointReader
-from experts.placement import ExpertPlacement
+from experts.placement import ModelPlacement
 from router.config import ModelConfig
 from router.engine_core import EngineCore, default_cache_bytes
 from router.errors import TransportError
@@ -58,9 +59,13 @@ class ModelInstance:
         self.expert_restarts = 0
         self.failovers = 0  # expert-rank losses served on, at once, by the other ranks' replicas
         self._joining: dict[int, ray.ObjectRef] = {}  # shard -> its replacement's `info`, while it loads
-        self._routed_before: ExpertPlacement | None = None  # the full placement, while ranks are out
-        placement = ExpertPlacement(
-            self.model_config.num_experts, config.expert_shards, config.placement, config.redundant_experts
+        self._routed_before: ModelPlacement | None = None  # the full placement, while ranks are out
+        placement = ModelPlacement.uniform(
+            len(self.model_config.moe_layers),
+            self.model_config.num_experts,
+            config.expert_shards,
+            config.placement,
+            config.redundant_experts,
         )
         self.experts = [self._spawn_expert(i, placement) for i in range(config.expert_shards)]
         dtype = config.torch_dtype
@@ -114,7 +119,9 @@ class ModelInstance:
             profile=config.metrics,
         )
         self.rebalancer = (
-            Rebalancer(lambda: self.core.experts, lambda: self.experts, config.eplb_interval_s)
+            Rebalancer(
+                lambda: self.core.experts, lambda: self.experts, config.eplb_interval_s, config.eplb_window_s
+            )
             if config.eplb and config.redundant_experts > 0
             else None
         )
@@ -140,11 +147,11 @@ class ModelInstance:
             )
 
     @property
-    def placement(self) -> ExpertPlacement:
+    def placement(self) -> ModelPlacement:
         """The full placement: the one the router dispatches by, or did before a failover."""
         return self._routed_before or self.core.experts.placement
 
-    def _spawn_expert(self, shard: int, placement: ExpertPlacement | None = None) -> ray.actor.ActorHandle:
+    def _spawn_expert(self, shard: int, placement: ModelPlacement | None = None) -> ray.actor.ActorHandle:
         """With `placement`'s slots (at start), by default the full placement's (a replacement)."""
         placement = placement or self.placement
         bundle = config_bundles(self.config)[1 + shard]
@@ -153,7 +160,7 @@ class ModelInstance:
             num_cpus=bundle["CPU"],
             num_gpus=bundle.get("GPU", 0),
             max_concurrency=2,
-        ).remote(self.config, shard, placement.experts_of(shard), self._version())
+        ).remote(self.config, shard, placement.slots_of(shard), self._version())
 
     def recover(self, err: TransportError) -> None:
         """After a failed step: go on at once without the dead expert ranks when every expert has a
@@ -291,16 +298,18 @@ class ModelInstance:
         return core.experts.version if core is not None else 0
 
     def group_state(self) -> ExpertGroupState:
-        """The expert ranks serving now, and the logical experts a lost rank left with one copy or none
-        (of those the full placement gives more), for the metrics."""
+        """The expert ranks serving now, and the (MoE layer, logical expert) pairs a lost rank left with
+        one copy or none (of those the full placement gives more), for the metrics."""
         ended, _ = ray.wait(self._serving, num_returns=len(self._serving), timeout=0)
         dead = {shard for shard, ref in enumerate(self._serving) if ref in ended}
-        full = self.placement
         exposed = 0
-        for expert in range(full.num_experts):
-            copies = [shard for shard, _ in full.replicas_of(expert)]
-            live = sum(shard not in dead for shard in copies)
-            exposed += live < len(copies) and live <= 1
+        if dead:
+            lost_rank = torch.zeros(self.config.expert_shards, dtype=torch.bool)
+            lost_rank[sorted(dead)] = True
+            for layer in self.placement.layers:
+                real = torch.arange(layer.replica_shard.shape[1]) < layer.replica_count[:, None]
+                lost = (lost_rank[layer.replica_shard] & real).sum(1)
+                exposed += int(((lost > 0) & (layer.replica_count - lost <= 1)).sum())
         eplb = self.rebalancer
         last = eplb.done[-1] if eplb is not None and eplb.done else None
         return ExpertGroupState(

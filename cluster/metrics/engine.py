@@ -72,7 +72,7 @@ class ExpertGroupState:
     """The expert group now, as the model instance sees it (ModelInstance.group_state)."""
 
     ranks_in_group: int  # expert ranks whose loop runs
-    experts_without_replica: int  # experts a lost rank left with one copy or none (0 while all are up)
+    experts_without_replica: int  # (layer, expert) pairs a lost rank left with one copy or none
     failovers: int = 0  # steps re-run on the surviving ranks after one died
     rebalances: int = 0
     rebalance_bytes: int = 0  # expert weights read into new slots by all rebalances
@@ -175,14 +175,16 @@ class EngineMetrics:
         # appears at 1 hides the first restart from increase().
         self.restarts = gauge("moe_expert_restarts", "Expert actors replaced since the replica started")
         # Gauges since start, as restarts, for the same reason.
-        self.replicas = gauge("moe_expert_replicas", "Replicas (slots) of each logical expert", "expert")
+        self.replicas = gauge(
+            "moe_expert_replicas", "Replicas of each logical expert, the fewest of any MoE layer", "expert"
+        )
         self.rebalances = gauge("moe_expert_rebalances", "Online rebalancings of the expert placement")
         self.rebalance_bytes = gauge(
             "moe_expert_rebalance_bytes", "Expert weight bytes read into new slots by the rebalancings"
         )
         self.rebalance_imbalance = gauge(
             "moe_expert_rebalance_imbalance",
-            "max / mean rank load of the last rebalancing's window, before and after it",
+            "Step imbalance (per layer max / mean rank load, summed) of the last rebalancing's window",
             "when",
         )
         self.failovers = gauge(
@@ -191,7 +193,7 @@ class EngineMetrics:
         self.ranks_in_group = gauge("moe_expert_ranks_in_group", "Expert ranks serving in the group now")
         self.without_replica = gauge(
             "moe_experts_without_replica",
-            "Logical experts a lost expert rank left with one copy or none, until it rejoins (0 normally)",
+            "(MoE layer, expert) pairs a lost expert rank left with one copy or none, until it rejoins",
         )
 
         self._waiting_first: dict[str, tuple[float, int]] = {}  # request -> (arrival, prompt tokens)
@@ -285,8 +287,8 @@ class EngineMetrics:
         self._flush_group()
 
     def _flush_group(self) -> None:
-        placement = self.core.placement
-        for expert, count in enumerate(placement.replica_count.tolist()):
+        counts = torch.stack([layer.replica_count for layer in self.core.placement.layers])
+        for expert, count in enumerate(counts.min(0).values.tolist()):
             self._set(self.replicas, count, {"expert": str(expert)})
         if self._group_state is None:
             return
@@ -309,7 +311,7 @@ class EngineMetrics:
         for expert in totals.nonzero().flatten().tolist():
             self.expert_tokens.inc(int(totals[expert]), {"expert": str(expert)})
         for layer, tokens in counts.items():
-            ratio = rank_imbalance(tokens, self.core.placement)
+            ratio = rank_imbalance(tokens, self.core.placement.layer(layer))
             if ratio is not None:
                 self._set(self.imbalance, ratio, {"layer": str(decoder_layer[layer])})
             if self.layer_expert_tokens is not None:

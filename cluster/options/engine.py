@@ -40,6 +40,9 @@ class EngineOptions(BaseModel):
         True, description="rebalance the replicas online from the observed load (when redundant_experts > 0)"
     )
     eplb_interval_s: float = Field(30.0, gt=0, description="seconds between two online rebalancings")
+    eplb_window_s: float = Field(
+        60.0, gt=0, description="seconds of routed load each rebalancing looks at (a sliding window)"
+    )
     device: Device = Field("auto", description="auto: cuda when the cluster has a GPU per actor")
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     router_cpus: float = Field(1.0, gt=0, description="CPUs of the router actor")
