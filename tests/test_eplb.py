@@ -52,6 +52,7 @@ def test_rebalancing_evens_out_a_skewed_load(ray_cluster, metrics_export_port, s
         balanced_gauge_ok = wait_for(lambda: max(gauge()) <= 1.25, 60)
         balanced_gauge = gauge()
         print("imbalance gauge: static", static_gauge, "rebalanced", balanced_gauge)
+        print("rank pairs: static", static, "rebalanced", balanced)
     assert len(static) == len(balanced) == 4
     assert _imbalance(static) >= 2.0, static
     assert _imbalance(balanced) <= 1.25, balanced
