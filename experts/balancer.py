@@ -86,10 +86,15 @@ def rebalance(load: torch.Tensor, current: ExpertPlacement) -> ExpertPlacement:
 
 def imbalance(placement: ExpertPlacement, load: torch.Tensor) -> float | None:
     """max / mean of the live shards' load under `placement`; None without load."""
+    heaviest, mean = _heaviest_and_mean(placement, load)
+    return heaviest / mean if mean > 0 else None
+
+
+def _heaviest_and_mean(placement: ExpertPlacement, load: torch.Tensor) -> tuple[float, float]:
+    """The heaviest shard's load and the live shards' mean under `placement`."""
     per_shard = placement.rank_load(load)
     live = torch.tensor([placement.num_local(s) > 0 for s in range(placement.num_shards)])
-    mean = float(per_shard[live].mean())
-    return float(per_shard.max()) / mean if mean > 0 else None
+    return float(per_shard.max()), float(per_shard[live].mean())
 
 
 def rebalance_model(load: torch.Tensor, current: ModelPlacement) -> ModelPlacement:
@@ -106,10 +111,6 @@ def step_imbalance(placement: ModelPlacement, load: torch.Tensor) -> float | Non
     """Summed over the MoE layers, the heaviest live shard's load over the mean one's: how much longer a
     step's expert compute takes than on a perfectly even placement (each layer waits for its heaviest
     shard). None without load."""
-    heaviest = mean = 0.0
-    for row, layer in zip(load, placement.layers, strict=True):
-        per_shard = layer.rank_load(row)
-        live = torch.tensor([layer.num_local(s) > 0 for s in range(layer.num_shards)])
-        heaviest += float(per_shard.max())
-        mean += float(per_shard[live].mean())
-    return heaviest / mean if mean > 0 else None
+    pairs = [_heaviest_and_mean(layer, row) for row, layer in zip(load, placement.layers, strict=True)]
+    mean = sum(m for _, m in pairs)
+    return sum(h for h, _ in pairs) / mean if mean > 0 else None
