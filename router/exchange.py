@@ -246,6 +246,7 @@ class TransportExperts:
         plan = plan_dispatch(ids, weights, self.placement.layer(layer), self.load.offset(layer))
         self.load.add(layer, ids)
         payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
+        self._answer_format = (hidden.shape[1], hidden.dtype)  # before any send: fail_over reads it
         ranks, counts, start, now = [], [], 0, time.monotonic()
         with self._comm(hidden, wait_for_main=True):
             for rank, count in enumerate(plan.shard_counts, start=1):
@@ -264,7 +265,6 @@ class TransportExperts:
         self.stats.messages += len(ranks)
         _account(self.stats, start, hidden, payload.shape[1])
         self.stats.add(ExchangeStats(rank_pairs=plan.shard_pairs))
-        self._answer_format = (hidden.shape[1], hidden.dtype)
         sent = Dispatched(layer, tag, plan.token_index, ranks, counts)
         self._in_flight.append(sent)
         return sent

@@ -550,11 +550,14 @@ def test_transport_experts_checks_the_world_size() -> None:
         TransportExperts(types.SimpleNamespace(world_size=3), _on_every_layer(placement), 2)
 
 
-def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() -> None:
-    """Every expert on two of three shards; rank 2's loop ends mid-step (as a killed actor's would):
-    its combine fails naming rank 2, while rank 3's answer is still unread. After fail_over to the
-    placement without shard 1, that stale answer is drained and the re-run step equals the local
-    experts on the same placement; heartbeats and STOP skip the absent rank."""
+@pytest.mark.parametrize("closed_first", [False, True], ids=["ends-mid-step", "closed-before-step"])
+def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank(closed_first: bool) -> None:
+    """Every expert on two of three shards; rank 2's loop ends before a step (as a killed actor's
+    would; `closed_first`: and it closed its connection before the step began). The step fails naming
+    rank 2: at its dispatch if gloo has seen the connection closed by then, else at its combine, with
+    rank 3's answer unread. Either way rank 1's answer is unread. After
+    fail_over to the placement without shard 1, the stale answers are drained and the re-run step
+    equals the local experts on the same placement; heartbeats and STOP skip the absent rank."""
     num_experts, k = 6, 2
     gen = torch.Generator().manual_seed(11)
     placement = ExpertPlacement(num_experts, 3, redundant=num_experts)
@@ -566,9 +569,13 @@ def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() ->
         ids, weights = _routing(9, k, list(range(num_experts)), gen)
         hidden = torch.randn(9, HIDDEN, generator=gen)
         remote.transport.send(2, [0, 0, 0, 0])  # STOP: rank 2 answers nothing from now on
-        sent = remote.dispatch(0, hidden, ids, weights)
-        assert sent.ranks == [1, 2, 3], "precondition: the step needs every rank"
+        if closed_first:
+            group.threads[1].join(timeout=10)
+        reached_combine = False
         with pytest.raises(TransportError) as failed:
+            sent = remote.dispatch(0, hidden, ids, weights)
+            assert sent.ranks == [1, 2, 3], "precondition: the step needs every rank"
+            reached_combine = True
             remote.combine(sent, torch.zeros(9, HIDDEN))
         assert failed.value.rank == 2
         degraded = placement.without_ranks({1})
@@ -581,4 +588,4 @@ def test_fail_over_drains_the_failed_step_and_goes_on_without_the_dead_rank() ->
         remote.heartbeat()
         remote.stop()
     assert not group.errors, group.errors
-    assert group.served == {1: 2, 2: 0, 3: 2}
+    assert group.served == {1: 2, 2: 0, 3: 2 if reached_combine else 1}

@@ -32,22 +32,29 @@ class GlooTransport:
             host, int(port), world_size, is_master=rank == ROUTER_RANK, timeout=self._timeout
         )
         self.group = dist.ProcessGroupGloo(store, rank, world_size, self._timeout)
-        self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # kept alive until gloo has sent them
+        self._sending: list[tuple[dist.Work, torch.Tensor, int]] = []  # kept alive until gloo has sent them
         self._posted: dict[int, tuple[dist.Work, torch.Tensor]] = {}
 
     def _post_head(self, src: int) -> tuple[dist.Work, torch.Tensor]:
         head_tensor = torch.empty(HEAD_LEN, dtype=torch.int64)
-        return self.group.recv([head_tensor], src, HEAD_TAG), head_tensor
+        return self._post(head_tensor, src, HEAD_TAG), head_tensor
+
+    def _post(self, tensor: torch.Tensor, src: int, tag: int) -> dist.Work:
+        """A recv posted; gloo raises right here when the connection to `src` already broke."""
+        try:
+            return self.group.recv([tensor], src, tag)
+        except RuntimeError as err:
+            raise TransportError(f"gloo recv from rank {src} failed: {err}") from err
 
     def send(self, dst: int, head: list[int], payload: torch.Tensor | None = None) -> None:
-        self._reap()
+        self._reap(dst)
         head_tensor = torch.tensor(head, dtype=torch.int64)
         try:
-            self._sending.append((self.group.send([head_tensor], dst, HEAD_TAG), head_tensor))
+            self._sending.append((self.group.send([head_tensor], dst, HEAD_TAG), head_tensor, dst))
             if head[ROWS] > 0:
                 assert payload is not None and payload.shape[0] == head[ROWS]
                 rows = payload.contiguous()
-                self._sending.append((self.group.send([rows], dst, PAYLOAD_TAG), rows))
+                self._sending.append((self.group.send([rows], dst, PAYLOAD_TAG), rows, dst))
         except RuntimeError as err:
             raise TransportError(f"gloo send to rank {dst} failed: {err}") from err
 
@@ -58,7 +65,7 @@ class GlooTransport:
         self._posted[src] = self._post_head(src)
         payload = torch.empty(head[ROWS], width, dtype=dtype)
         if head[ROWS] > 0:
-            self._wait(self.group.recv([payload], src, PAYLOAD_TAG), src)
+            self._wait(self._post(payload, src, PAYLOAD_TAG), src)
         return head, payload
 
     def _wait(self, work: dist.Work, src: int) -> None:
@@ -68,15 +75,19 @@ class GlooTransport:
         except RuntimeError as err:
             raise TransportError(f"gloo recv from rank {src} failed: {err}") from err
 
-    def _reap(self) -> None:
-        """Drops sends that completed, raising if one failed."""
-        pending = []
-        for work, tensor in self._sending:
+    def _reap(self, dst: int) -> None:
+        """Drops the sends that completed, raising if one to `dst` failed. A failed send to another
+        peer is dropped too: the recv of that peer's answer fails on the same broken connection, and
+        after a failover to a group without that peer, the sends to the live ones must go on."""
+        pending, failed = [], None
+        for work, tensor, peer in self._sending:
             if not work.is_completed():
-                pending.append((work, tensor))
-            elif not work.is_success():
-                raise TransportError(f"gloo send failed: {work.exception()}")
+                pending.append((work, tensor, peer))
+            elif not work.is_success() and peer == dst and failed is None:
+                failed = TransportError(f"gloo send to rank {dst} failed: {work.exception()}")
         self._sending = pending
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
         self._sending = []
