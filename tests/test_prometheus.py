@@ -135,6 +135,22 @@ def query(prometheus: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def scrape_report(prometheus: str, metrics_export_port: int) -> str:
+    """For a failure message: Prometheus's view of its target, and how many series of each moe metric
+    the Ray metrics agent exports right now (which tells a scrape that failed from a series never set)."""
+    targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=30).json()["data"]["activeTargets"]
+    health = [
+        {k: t.get(k) for k in ("health", "lastError", "lastScrapeDuration", "lastScrape")} for t in targets
+    ]
+    exported = httpx.get(f"http://127.0.0.1:{metrics_export_port}/metrics", timeout=30).text
+    series: dict[str, int] = {}
+    for line in exported.splitlines():
+        if line.startswith(("ray_moe_", "ray_serve_num_ongoing")):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            series[name] = series.get(name, 0) + 1
+    return f"targets: {health}\nexported ({len(exported)} bytes), series per metric: {series}"
+
+
 def send_traffic(base: str, model: str) -> None:
     """Completions and chats, streamed and not, concurrent (batches > 1), a prompt sent twice (prefix
     cache hits), plus a 400 and a 404."""
@@ -165,7 +181,9 @@ def send_traffic(base: str, model: str) -> None:
 
 
 @pytest.mark.slow
-def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, demo_model):
+def test_every_panel_query_returns_series_after_traffic(
+    prometheus, serve_http, demo_model, metrics_export_port
+):
     """Queries run from before the deployment on: Ray 2.60 drops a gauge that nobody set for two
     report intervals (Serve's own gauges included), so some series exist only for a while after the
     events that set them; a query passes once it has returned a series."""
@@ -235,7 +253,8 @@ def test_every_panel_query_returns_series_after_traffic(prometheus, serve_http, 
             kept_open = streams.result()
             missing = [(d, p, e) for d, p, e in queries if e not in seen and p not in EXCEPTIONS]
             listed = "\n".join(f"{d} / {p}: {e}" for d, p, e in missing)
-            assert not missing, f"queries without a series:\n{listed}"
+            report = scrape_report(prometheus, metrics_export_port) if missing else ""
+            assert not missing, f"queries without a series:\n{listed}\n{report}"
             now_empty = [p for _, p, e in queries if not query(prometheus, e)]
             print(f"panels whose series Ray had dropped again by the end: {sorted(set(now_empty))}")
 
