@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 import yaml
 from ray import serve
 
@@ -148,7 +149,28 @@ def scrape_report(prometheus: str, metrics_export_port: int) -> str:
         if line.startswith(("ray_moe_", "ray_serve_num_ongoing")):
             name = line.split("{", 1)[0].split(" ", 1)[0]
             series[name] = series.get(name, 0) + 1
-    return f"targets: {health}\nexported ({len(exported)} bytes), series per metric: {series}"
+    return (
+        f"targets: {health}\nexported ({len(exported)} bytes), series per metric: {series}\n"
+        f"metric export problems in the session's logs: {export_problems()}"
+    )
+
+
+def export_problems() -> dict[str, list[str]]:
+    """The lines of the session's Ray logs where a process failed to hand its metrics to the agent, or the
+    agent failed to take one (the last few per file)."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    marks = ("Failed to export", "Collect took longer", "skipping it")
+    found = {}
+    for path in sorted(logs.glob("*")):
+        if path.is_file() and path.suffix in (".out", ".err", ".log"):
+            lines = [
+                line
+                for line in path.read_text(errors="replace").splitlines()
+                if any(m in line for m in marks)
+            ]
+            if lines:
+                found[path.name] = lines[-3:]
+    return found
 
 
 def send_traffic(base: str, model: str) -> None:
