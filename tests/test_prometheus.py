@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,13 +145,13 @@ def scrape_report(prometheus: str, metrics_export_port: int) -> str:
         {k: t.get(k) for k in ("health", "lastError", "lastScrapeDuration", "lastScrape")} for t in targets
     ]
     exported = httpx.get(f"http://127.0.0.1:{metrics_export_port}/metrics", timeout=30).text
-    series: dict[str, int] = {}
-    for line in exported.splitlines():
-        if line.startswith(("ray_moe_", "ray_serve_num_ongoing")):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            series[name] = series.get(name, 0) + 1
+    series = Counter(
+        line.split("{", 1)[0].split(" ", 1)[0]
+        for line in exported.splitlines()
+        if line.startswith(("ray_moe_", "ray_serve_num_ongoing"))
+    )
     return (
-        f"targets: {health}\nexported ({len(exported)} bytes), series per metric: {series}\n"
+        f"targets: {health}\nexported ({len(exported)} bytes), series per metric: {dict(series)}\n"
         f"metric export problems in the session's logs: {export_problems()}"
     )
 
@@ -160,7 +161,7 @@ def export_problems() -> dict[str, list[str]]:
     agent failed to take one (the last few per file)."""
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     marks = ("Failed to export", "Collect took longer", "skipping it")
-    found = {}
+    found: dict[str, list[str]] = {}
     for path in sorted(logs.glob("*")):
         if path.is_file() and path.suffix in (".out", ".err", ".log"):
             lines = [

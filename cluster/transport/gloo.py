@@ -20,6 +20,10 @@ from router.transport import HEAD_LEN, ROUTER_RANK, ROWS
 HEAD_TAG, PAYLOAD_TAG = 0, 1
 
 
+def _recv_failed(src: int, err: RuntimeError) -> TransportError:
+    return TransportError(f"gloo recv from rank {src} failed: {err}")
+
+
 class GlooTransport:
     """Joins a gloo group at `address` (the router's host:port, handed out through Ray)."""
 
@@ -44,7 +48,7 @@ class GlooTransport:
         try:
             return self.group.recv([tensor], src, tag)
         except RuntimeError as err:
-            raise TransportError(f"gloo recv from rank {src} failed: {err}") from err
+            raise _recv_failed(src, err) from err
 
     def send(self, dst: int, head: list[int], payload: torch.Tensor | None = None) -> None:
         self._reap(dst)
@@ -73,7 +77,7 @@ class GlooTransport:
             if not work.wait(self._timeout):
                 raise TransportError(f"gloo recv from rank {src} timed out")
         except RuntimeError as err:
-            raise TransportError(f"gloo recv from rank {src} failed: {err}") from err
+            raise _recv_failed(src, err) from err
 
     def _reap(self, dst: int) -> None:
         """Drops the sends that completed, raising if one to `dst` failed. A failed send to another
