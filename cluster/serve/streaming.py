@@ -78,11 +78,13 @@ async def resumable_stream(
     """One choice's engine stream; if the replica serving it is lost, it resumes on another one.
 
     The resumed request carries the prompt and the tokens the client already has, so the new replica
-    prefills them and goes on: every token reaches the client once, and greedy text is unchanged.
+    prefills them and goes on: every token reaches the client once, and greedy text is unchanged. A
+    replica lost after it sent the finishing token has nothing left to resume: the stream is complete.
     """
     prompt_ids: list[int] | None = None
     output_ids: list[int] = []
     sent = resumes = 0
+    finished = False
     while True:
         stream = handle.generate.remote(request)
         try:
@@ -94,9 +96,12 @@ async def resumable_stream(
                     continue
                 output_ids.append(item.token_id)
                 sent += len(item.text)
+                finished = item.finish_reason is not None
                 yield item
             return
         except Exception as err:
+            if finished and _replica_lost(err):
+                return
             if not _replica_lost(err) or resumes >= MAX_RESUMES:
                 raise
             resumes += 1
