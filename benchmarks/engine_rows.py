@@ -58,6 +58,11 @@ def table_rows(results: list, bounds: dict, mismatch: Callable[[list, list], str
                 "vs_transformers": r.tokens_per_s() / hf.tokens_per_s(),
                 "vs_one_actor": r.tokens_per_s() / one.tokens_per_s() if one else None,
                 "exchange_share": r.stats["exchange_seconds"] / step_s if step_s else None,
+                "expert_busy": (
+                    r.stats["expert_compute_seconds"] / step_s
+                    if step_s and "expert_compute_seconds" in r.stats
+                    else None
+                ),
                 "step_ms": 1e3 * step_s / steps if steps else None,
                 "overhead_ms_per_step": 1e3 * (r.seconds - step_s) / steps if steps else None,
                 "split_steps": r.stats.get("split_steps"),
@@ -85,6 +90,7 @@ def format_table(rows: list[dict]) -> str:
         "vs HF",
         "vs 1 actor",
         "exch share",
+        "expert busy",
         "step ms",
         "overhead ms",
         "roofline",
@@ -99,6 +105,7 @@ def format_table(rows: list[dict]) -> str:
             _fmt(r["vs_transformers"], ".2f", "x"),
             _fmt(r["vs_one_actor"], ".2f", "x"),
             _fmt(r["exchange_share"], ".0%"),
+            _fmt(r["expert_busy"], ".0%"),
             _fmt(r["step_ms"], ".2f"),
             _fmt(r["overhead_ms_per_step"], ".2f"),
             _fmt(r["share_of_roofline"], ".0%"),

@@ -6,8 +6,9 @@ transformers in the same dtype), prompts in one batch (1, 8, 16, 64; 8 tokens is
 split), and engine (1 and 2 expert actors, two-batch overlap on and off, plus the same engine core with
 every expert in this process, one thread, as a no-transport reference). Per row: tokens/s and ratios,
 the router's step time split into exchange wait and the rest, the per-step overhead outside the model
-forward, and a roofline column: tokens/s against the bound set by the weight bytes a decode step
-touches over the memory read bandwidth measured in this run.
+forward, the share of the step the busiest expert actor spent computing, and a roofline column: tokens/s
+against the bound set by the weight bytes a decode step touches over the memory read bandwidth measured in
+this run.
 
     python -m benchmarks.engine_vs_transformers [--prompts 1,8,16,64] [--new-tokens 32] [--json PATH]
 
@@ -165,11 +166,15 @@ def run_engine(
         eng.generate(prompts[:2], max_new_tokens=2, ignore_eos=True)  # warm-up
         for batch in counts:
             eng.stats(reset=True)
+            computed = [c["compute_seconds"] for c in eng.expert_counters()]
             start = time.perf_counter()
             completions = eng.generate(prompts[:batch], max_new_tokens=new, ignore_eos=True)
             seconds = time.perf_counter() - start
             outputs = [c.token_ids for c in completions]
-            results.append(Result(name, dtype, batch, seconds, outputs, eng.stats()))
+            stats = eng.stats()
+            served = zip(eng.expert_counters(), computed, strict=True)
+            stats["expert_compute_seconds"] = max(c["compute_seconds"] - before for c, before in served)
+            results.append(Result(name, dtype, batch, seconds, outputs, stats))
     return results
 
 
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     record = machine_record()
     bandwidth = read_bandwidth(threads=TORCH_THREADS)
+    one_core_bandwidth = read_bandwidth(threads=1)  # what one expert actor (one thread) can read
     transport = (
         {"transport": args.transport} if args.transport and "transport" in EngineOptions.model_fields else {}
     )
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint: {BENCH_CONFIG}; {args.new_tokens} new tokens per prompt, greedy, EOS ignored")
     print(
         f"transformers: {TORCH_THREADS} threads, experts {args.hf_experts}; engine: router 1 CPU + 1 CPU"
-        f" per expert actor; memory read bandwidth ({TORCH_THREADS} threads) {bandwidth / 1e9:.1f} GB/s"
+        f" per expert actor; memory read bandwidth {bandwidth / 1e9:.1f} GB/s with {TORCH_THREADS} threads,"
+        f" {one_core_bandwidth / 1e9:.1f} GB/s with 1"
     )
     print(format_table(rows))
     print("\n".join(verdicts(rows)))
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": record,
             "load_average_end": os.getloadavg(),
             "read_bandwidth_bytes_per_s": bandwidth,
+            "read_bandwidth_one_thread_bytes_per_s": one_core_bandwidth,
             "config": BENCH_CONFIG,
             "new_tokens": args.new_tokens,
             "prompt_lengths": [len(p) for p in prompts],

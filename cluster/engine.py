@@ -86,6 +86,10 @@ class Engine:
         """The router's step and exchange counters (see RouterActor.stats); reset=True zeroes them."""
         return ray.get(self.router.stats.remote(reset))
 
+    def expert_counters(self) -> list[dict]:
+        """Per expert shard, what its actor served since it started: dispatches, rows, compute seconds."""
+        return _get(self.router.expert_counters.remote())
+
     def info(self) -> dict:
         return _get(self.router.info.remote())
 

@@ -36,18 +36,21 @@ def run_expert_loop(
     dtype: torch.dtype,
     on_dispatch: Callable[[ExpertStats], None] | None = None,
     on_switch: Callable[[int], ExpertShard] | None = None,
+    stats: ExpertStats | None = None,
 ) -> int:
-    """Serves the router until STOP; returns the DISPATCH messages served.
+    """Serves the router until STOP; returns the DISPATCH messages this loop served.
 
     `on_dispatch` gets the rank's counters after every one (metrics, which throttle themselves);
-    `on_switch(version)` returns the shard to compute with from a SWITCH on (the slots prepared for it).
+    `on_switch(version)` returns the shard to compute with from a SWITCH on (the slots prepared for it);
+    `stats`: the counters to add to (an actor's, over all the loops it runs), else new ones.
     """
-    stats = ExpertStats()
+    stats = ExpertStats() if stats is None else stats
+    served_before = stats.dispatches
     width = row_width(shard.hidden_size, top_k, dtype)
     while True:
         got, payload = transport.recv(ROUTER_RANK, width, dtype)
         if got[OP] == Op.STOP:
-            return stats.dispatches
+            return stats.dispatches - served_before
         if got[OP] == Op.HEARTBEAT:
             continue
         if got[OP] == Op.SWITCH and on_switch is not None:

@@ -53,6 +53,19 @@ def test_seeded_sampling_is_reproducible(engine):
     assert top1[0].token_ids == greedy
 
 
+def test_expert_counters_add_up_to_the_rows_the_router_sent(engine):
+    before = engine.expert_counters()
+    engine.stats(reset=True)
+    engine.generate([list(range(5, 45)), [7, 8, 9]], max_new_tokens=8, ignore_eos=True)
+    sent = engine.stats()["rows_sent"]
+    after = engine.expert_counters()
+
+    assert sum(a["rows"] - b["rows"] for a, b in zip(after, before, strict=True)) == sent > 0
+    for a, b in zip(after, before, strict=True):  # both shards served, and timed what they computed
+        assert a["dispatches"] > b["dispatches"]
+        assert a["compute_seconds"] > b["compute_seconds"]
+
+
 def test_stops_on_eos(engine, demo_model):
     eos = json.loads((demo_model / "config.json").read_text())["eos_token_id"]
     out = engine.generate([[5, 6, 7]], max_new_tokens=200)[0]

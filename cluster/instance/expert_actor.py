@@ -19,7 +19,7 @@ from cluster.transport.group import Rendezvous, open_transport
 from experts.checkpoint import CheckpointReader
 from experts.shard import ExpertShard
 from router.config import ModelConfig
-from router.expert_loop import run_expert_loop
+from router.expert_loop import ExpertStats, run_expert_loop
 from router.weights import expert_kind
 
 
@@ -45,6 +45,7 @@ class ExpertActor:
         self.version = version
         self._lock = threading.Lock()
         self.metrics = ExpertMetrics(model_instance_id(), shard) if config.metrics else None
+        self.served = ExpertStats()  # over every loop this actor ran
 
     def info(self) -> dict:
         return {
@@ -56,6 +57,10 @@ class ExpertActor:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
         }
+
+    def counters(self) -> dict:
+        """What this actor's loops served so far: dispatches, rows, seconds in the expert forward."""
+        return vars(self.served).copy()
 
     def prepare(self, version: int, slots: list[list[int]]) -> int:
         """Builds the slots of placement `version` beside the live ones, while the loop serves with
@@ -89,6 +94,8 @@ class ExpertActor:
         transport = open_transport(rendezvous, self.shard_index + 1, world, self.config.collective_timeout_s)
         try:
             on_dispatch = self.metrics.on_dispatch if self.metrics else None
-            return run_expert_loop(transport, shard, self.top_k, self.dtype, on_dispatch, self._use)
+            return run_expert_loop(
+                transport, shard, self.top_k, self.dtype, on_dispatch, self._use, self.served
+            )
         finally:
             transport.close()

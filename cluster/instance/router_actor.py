@@ -139,6 +139,10 @@ class RouterActor:
             core.totals = StepTotals()
         return out
 
+    async def expert_counters(self) -> list[dict]:
+        """Each expert actor's counters (ExpertActor.counters), in shard order; they are not reset."""
+        return list(await asyncio.gather(*(actor.counters.remote() for actor in self.instance.experts)))
+
     def stop(self) -> None:
         self.engine.stop()
         self.instance.shutdown()
