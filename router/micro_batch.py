@@ -15,9 +15,7 @@ import torch
 
 from router.kv_cache import AttentionBatch
 
-# Below this many tokens a step is not split. Over gloo on the 2-core machine no step size gained from the
-# split (benchmarks/results/engine_vs_transformers.json: a second message per rank and layer costs more
-# than the overlap wins), so the engine option defaults to off; re-measure with a faster transport.
+# Below this many tokens a step is not split: too little work per micro-batch to hide the other's.
 MIN_OVERLAP_TOKENS = 8
 
 Pass = Generator[None, None, torch.Tensor]

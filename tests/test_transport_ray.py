@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 
+from cluster.engine import Engine
 from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.shm import ShmTransport
 from router.errors import TransportError
@@ -79,3 +80,14 @@ def test_an_actor_killed_while_the_router_waits_on_shm_is_a_transport_error_at_o
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(serving, timeout=30)
     router.close()
+
+
+@pytest.mark.parametrize(("transport", "splits"), [("auto", True), ("gloo", False)])
+def test_unset_overlap_splits_steps_only_over_shared_memory(ray_cluster, demo_model, transport, splits):
+    """Two-batch overlap measured faster over shared memory and slower over gloo, so unset it follows them."""
+    options = {"expert_shards": 1, "router_cpus": 0.5, "expert_cpus": 0.5, "transport": transport}
+    with Engine(demo_model, max_model_len=128, **options) as engine:
+        engine.generate([[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]], max_new_tokens=4, ignore_eos=True)
+        stats = engine.stats()
+    assert stats["steps"] > 0
+    assert (stats["split_steps"] > 0) == splits

@@ -74,11 +74,13 @@ class EngineOptions(BaseModel):
         "PACK", description="placement group strategy of an instance's bundles"
     )
     ready_timeout_s: float = Field(300.0, gt=0, description="seconds for an instance to come up")
-    overlap: bool = Field(
-        False,
+    overlap: bool | None = Field(
+        None,
         description="two-batch overlap: steps of 2+ sequences and 8+ tokens run as two micro-batches, the "
-        "router computing one while the expert actors compute the other; off by default: over gloo on a "
-        "2-core machine it measured slower (benchmarks/results/engine_vs_transformers.json)",
+        "router computing one while the expert actors compute the other; unset: on where every expert "
+        "rank shares memory with the router (measured faster, benchmarks/results/"
+        "engine_vs_transformers-20261202T1737Z.json), off over gloo (measured slower) and NCCL (not "
+        "measured yet)",
     )
     metrics: bool = Field(True, description="export moe_* metrics through Ray's metrics agent")
     expert_layer_metrics: bool = Field(
