@@ -58,7 +58,8 @@ class EngineCore:
         self.model = model
         self.cache = cache
         self.experts = experts
-        self.overlap_min_tokens = overlap_min_tokens if overlap else None
+        self.overlap = overlap  # may change between steps (the instance re-decides it with its group)
+        self.overlap_min_tokens = overlap_min_tokens
         self.profiler = StepProfiler(model) if profile else None
         self.scheduler = Scheduler(scheduler_config, cache)
         self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
@@ -143,7 +144,7 @@ class EngineCore:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        cut = split_point(step.lengths, self.overlap_min_tokens) if self.overlap_min_tokens else None
+        cut = split_point(step.lengths, self.overlap_min_tokens) if self.overlap else None
         ranges = [(0, len(step.seqs))] if cut is None else [(0, cut), (cut, len(step.seqs))]
         micro = [self._micro_batch(step, lo, hi) for lo, hi in ranges]
         self._forget_counters()

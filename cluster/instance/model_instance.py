@@ -38,7 +38,6 @@ from router.engine_core import EngineCore, default_cache_bytes
 from router.errors import TransportError
 from router.exchange import TransportExperts
 from router.kv_cache import KVCache
-from router.micro_batch import MIN_OVERLAP_TOKENS
 from router.scheduler import SchedulerConfig
 from router.transport import ROUTER_RANK, Transport
 from router.weights import load_router_model
@@ -255,7 +254,7 @@ class ModelInstance:
                 if attempt == MAX_REPLACEMENTS:
                     raise
         self.core.experts.reconnect(self.transport, self.placement)
-        self.core.overlap_min_tokens = MIN_OVERLAP_TOKENS if self._overlap() else None  # ranks may have moved
+        self.core.overlap = self._overlap()  # the ranks may have moved
         self._joining, self._routed_before = {}, None
         self.generation += 1
 

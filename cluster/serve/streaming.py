@@ -100,9 +100,10 @@ async def resumable_stream(
                 yield item
             return
         except Exception as err:
-            if finished and _replica_lost(err):
+            lost = _replica_lost(err)
+            if lost and finished:
                 return
-            if not _replica_lost(err) or resumes >= MAX_RESUMES:
+            if not lost or resumes >= MAX_RESUMES:
                 raise
             resumes += 1
             log.warning("engine replica lost after %d tokens (%r); resuming elsewhere", len(output_ids), err)
