@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--overlap", default="on,off", help="two-batch overlap settings to run")
     parser.add_argument("--transport", default=None, help="engine transport option, where it exists")
+    parser.add_argument(
+        "--router-cpus",
+        default="1",
+        help="comma-separated CPUs (torch threads) for the router actor; each expert actor has 1",
+    )
     parser.add_argument("--min-len", type=int, default=8, help="shortest prompt, in tokens")
     parser.add_argument("--max-len", type=int, default=64, help="longest prompt, in tokens")
     parser.add_argument(
@@ -94,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.shards = [int(n) for n in args.shards.split(",")]
     args.dtypes = args.dtypes.split(",")
     args.overlap = [o == "on" for o in args.overlap.split(",")]
-    if min(args.prompts) < 1 or min(args.shards) < 1 or not set(args.dtypes) <= set(DTYPES):
-        parser.error("need positive --prompts and --shards and dtypes among " + ",".join(DTYPES))
+    args.router_cpus = [int(n) for n in args.router_cpus.split(",")]
+    if min(args.prompts + args.shards + args.router_cpus) < 1 or not set(args.dtypes) <= set(DTYPES):
+        parser.error("need positive --prompts, --shards, --router-cpus and dtypes among " + ",".join(DTYPES))
     return args
 
 
@@ -159,10 +165,12 @@ def run_transformers(
 def run_engine(
     path: Path, prompts: list[list[int]], counts: list[int], new: int, dtype: str, options: dict
 ) -> list[Result]:
-    shards, overlap = options["expert_shards"], options["overlap"]
+    shards, overlap, router_cpus = options["expert_shards"], options["overlap"], options["router_cpus"]
     name = f"engine {shards} actor{'s' if shards > 1 else ''}, overlap {'on' if overlap else 'off'}"
+    if router_cpus != 1:
+        name += f", router {router_cpus} threads"
     results = []
-    with Engine(path, router_cpus=1, expert_cpus=1, max_num_seqs=len(prompts), dtype=dtype, **options) as eng:
+    with Engine(path, expert_cpus=1, max_num_seqs=len(prompts), dtype=dtype, **options) as eng:
         eng.generate(prompts[:2], max_new_tokens=2, ignore_eos=True)  # warm-up
         for batch in counts:
             eng.stats(reset=True)
@@ -233,8 +241,14 @@ def main(argv: list[str] | None = None) -> int:
             results += run_in_process(path, prompts, args.prompts, args.new_tokens, dtype)
             for shards in args.shards:
                 for overlap in args.overlap:
-                    options = {"expert_shards": shards, "overlap": overlap, **transport}
-                    results += run_engine(path, prompts, args.prompts, args.new_tokens, dtype, options)
+                    for router_cpus in args.router_cpus:
+                        options = {
+                            "expert_shards": shards,
+                            "overlap": overlap,
+                            "router_cpus": router_cpus,
+                            **transport,
+                        }
+                        results += run_engine(path, prompts, args.prompts, args.new_tokens, dtype, options)
         bounds = {
             (d, n): roofline_tokens_per_s(config, n, DTYPES[d].itemsize, bandwidth)
             for d in args.dtypes
@@ -244,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - wall
     print(f"checkpoint: {BENCH_CONFIG}; {args.new_tokens} new tokens per prompt, greedy, EOS ignored")
     print(
-        f"transformers: {TORCH_THREADS} threads, experts {args.hf_experts}; engine: router 1 CPU + 1 CPU"
-        f" per expert actor; memory read bandwidth {bandwidth / 1e9:.1f} GB/s with {TORCH_THREADS} threads,"
-        f" {one_core_bandwidth / 1e9:.1f} GB/s with 1"
+        f"transformers: {TORCH_THREADS} threads, experts {args.hf_experts}; engine: router"
+        f" {args.router_cpus} CPUs + 1 CPU per expert actor; memory read bandwidth {bandwidth / 1e9:.1f}"
+        f" GB/s with {TORCH_THREADS} threads, {one_core_bandwidth / 1e9:.1f} GB/s with 1"
     )
     print(format_table(rows))
     print("\n".join(verdicts(rows)))
@@ -261,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": args.new_tokens,
             "prompt_lengths": [len(p) for p in prompts],
             "transport": transport.get("transport", "default"),
+            "router_cpus": args.router_cpus,
             "wall_seconds": wall,
             "rows": rows,
         }
