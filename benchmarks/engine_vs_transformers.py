@@ -12,7 +12,8 @@ this run.
 
     python -m benchmarks.engine_vs_transformers [--prompts 1,8,16,64] [--new-tokens 32] [--json PATH]
 
-The transport is a parameter (--transport, when the engine has that option: auto|shm|gloo).
+The transport is a parameter (--transport, when the engine has that option: auto|shm|gloo), and so are the
+router actor's CPUs, its torch threads (--router-cpus 1,2; 1 unless given).
 """
 
 from __future__ import annotations
