@@ -173,6 +173,7 @@ def run_engine(
     results = []
     with Engine(path, expert_cpus=1, max_num_seqs=len(prompts), dtype=dtype, **options) as eng:
         eng.generate(prompts[:2], max_new_tokens=2, ignore_eos=True)  # warm-up
+        dedicated = eng.info()["dedicated_cores"]
         for batch in counts:
             eng.stats(reset=True)
             computed = [c["compute_seconds"] for c in eng.expert_counters()]
@@ -183,6 +184,7 @@ def run_engine(
             stats = eng.stats()
             served = zip(eng.expert_counters(), computed, strict=True)
             stats["expert_compute_seconds"] = max(c["compute_seconds"] - before for c, before in served)
+            stats["dedicated_cores"] = dedicated
             results.append(Result(name, dtype, batch, seconds, outputs, stats))
     return results
 
@@ -203,7 +205,8 @@ def run_in_process(
         profile=False,
     )
     params = SamplingParams(max_tokens=new, ignore_eos=True)
-    core.generate(prompts[:2], [SamplingParams(max_tokens=2, ignore_eos=True)] * 2)
+    warm_up = prompts[:2]
+    core.generate(warm_up, [SamplingParams(max_tokens=2, ignore_eos=True)] * len(warm_up))
     results = []
     for batch in counts:
         core.totals = StepTotals()

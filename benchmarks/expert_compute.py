@@ -1,5 +1,6 @@
 """One expert rank's compute, side by side: fp32 against bf16 weights, one GEMM chain per active expert
-against torch._grouped_mm, for decode-sized and prefill-sized batches (ExpertShard.forward as the expert
+against torch._grouped_mm and against the per-call choice between them (auto), for decode-sized and
+prefill-sized batches (ExpertShard.forward as the expert
 loop calls it, one torch thread as an expert actor runs).
 
 Prints microseconds per call and the weight bytes per second it reads, against the memory read
@@ -23,10 +24,11 @@ from benchmarks.machine import machine_record, read_bandwidth
 from experts.shard import ExpertShard
 
 HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
-TOKENS = (1, 16, 64, 256)
+TOKENS = (1, 2, 4, 8, 16, 64, 256)
+KERNELS = {"loop": False, "grouped_mm": True, "auto": None}
 
 
-def shard(dtype: torch.dtype, grouped: bool, gen: torch.Generator) -> ExpertShard:
+def shard(dtype: torch.dtype, grouped: bool | None, gen: torch.Generator) -> ExpertShard:
     gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * 0.05
     down = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.05
     return ExpertShard([gate_up.to(dtype)], [down.to(dtype)], grouped=grouped)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for grouped in (False, True):
+        for kernel, grouped in KERNELS.items():
             experts = shard(dtype, grouped, gen)
             time_forward(experts, 16, gen, 3)  # warm-up
             for tokens in TOKENS:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(
                     {
                         "dtype": str(dtype).removeprefix("torch."),
-                        "kernel": "grouped_mm" if grouped else "loop",
+                        "kernel": kernel,
                         "tokens": tokens,
                         "experts_touched": touched,
                         "p50_us": p50 * 1e6,

@@ -11,6 +11,12 @@ from experts.layouts import expert_dims, load_layer
 
 PLAIN = ExpertKind()
 
+# On the CPU, torch._grouped_mm steps through every local expert, active or not, so with few active it
+# loses to one GEMM pair per active expert. 64 experts, fp32, p50: 4 active (1 token) 623-656 us looped
+# against 734-740 grouped, 8 active about even, 15 active 1972-2220 against 1877-1966
+# (benchmarks/results/expert_compute-20261203T091244Z.json, -091258Z.json).
+CPU_LOOP_MAX_ACTIVE_SHARE = 1 / 6
+
 
 class ExpertShard:
     """The routed experts one shard owns, for every MoE layer, and their compute (experts/kind.py)."""
@@ -58,7 +64,8 @@ class ExpertShard:
         self.num_local_experts = num_local
         self.hidden_size = hidden
         self.intermediate_size = two_i // 2
-        # None: grouped GEMM where it is fast (see grouped_mm_supported); True forces it (CPU tests).
+        # None: the kernel is chosen per call (kernel_for); True or False forces grouped_mm or the loop.
+        self.forced = grouped
         self.grouped = (
             grouped_mm_supported(gate_up[0].device, gate_up[0].dtype) if grouped is None else grouped
         )
@@ -131,7 +138,7 @@ class ExpertShard:
         shard = ExpertShard(
             built["gate_up"],
             built["down"],
-            self.grouped,
+            self.forced,
             kind=self.kind,
             gate_up_bias=built["gate_up_bias"] or None,
             down_bias=built["down_bias"] or None,
@@ -181,17 +188,26 @@ class ExpertShard:
         if self.gate_up_bias is not None:
             row_experts = flat_ids[pairs]
             row_bias = self.gate_up_bias[layer][row_experts], self.down_bias[layer][row_experts]
-        if self.grouped:
+        if self.kernel_for(counts) == "grouped_mm":
             y = _grouped_experts(x, gate_up, down, counts, self.activate, row_bias)
         else:
             y = _looped_experts(x, gate_up, down, counts.tolist(), self.activate, row_bias)
         y *= weights.reshape(-1)[pairs].to(y.dtype).unsqueeze(1)
         return out.index_add_(0, tokens, y)
 
+    def kernel_for(self, counts: torch.Tensor) -> str:
+        """`grouped_mm` or `loop` for a call whose local experts get `counts` rows each."""
+        grouped = self.grouped
+        if grouped and self.forced is None and counts.device.type == "cpu":
+            active = int(torch.count_nonzero(counts))
+            grouped = active > CPU_LOOP_MAX_ACTIVE_SHARE * self.num_local_experts
+        return "grouped_mm" if grouped else "loop"
+
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """torch._grouped_mm is fast on Hopper-class GPUs (sm90+) in bf16, and on CPU it beats one GEMM chain
-    per expert by 10-20 % from 16 tokens up, fp32 and bf16 (benchmarks/results/expert_compute.json)."""
+    per expert by 10-20 % from 16 tokens up, fp32 and bf16 (benchmarks/results/expert_compute.json), where
+    enough of the experts are active (kernel_for)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cpu":

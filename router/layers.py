@@ -33,9 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -108,6 +106,8 @@ class PagedAttention(nn.Module):
             rows = part.batch * part.max_query
 
             def grid(t: torch.Tensor, part=part, rows=rows) -> torch.Tensor:
+                if part.max_query == 1:  # decodes: one query each, nothing to pad
+                    return t[part.tokens].unsqueeze(1)
                 padded = t.new_zeros(rows, *t.shape[1:])
                 padded[part.grid_index] = t[part.tokens]
                 return padded.view(part.batch, part.max_query, *t.shape[1:])
@@ -125,7 +125,8 @@ class PagedAttention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.heads != k.shape[1],
             )
-            out[part.tokens] = attended.transpose(1, 2).reshape(rows, self.heads, -1)[part.grid_index]
+            attended = attended.transpose(1, 2).reshape(rows, self.heads, -1)
+            out[part.tokens] = attended if part.max_query == 1 else attended[part.grid_index]
         for part in batch.parts:
             index = part.groups[group]
             for tensor, step in zip(stored, (k, v), strict=False):
@@ -187,9 +188,7 @@ class MoEGate(nn.Module):
         self.gating = GATING[config.gating]
         self.top_k, self.route_scale = config.num_experts_per_tok, config.route_scale
 
-    def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight)
         return self.gating(logits, bias, self.top_k, self.route_scale)
 

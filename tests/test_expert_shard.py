@@ -273,8 +273,19 @@ def test_grouped_gemm_matches_the_per_expert_loop(dtype, tol):
     weights = torch.rand(rows, k, generator=gen)
     grouped = ExpertShard(gate_up, down, grouped=True).forward(0, x, ids, weights)
     looped = ExpertShard(gate_up, down, grouped=False).forward(0, x, ids, weights)
-    assert ExpertShard(gate_up, down).grouped is True  # auto: the CPU uses grouped_mm (measured faster)
     assert (grouped.float() - looped.float()).abs().max().item() < tol
+
+
+def test_auto_kernel_on_the_cpu_loops_over_few_active_experts_and_groups_many() -> None:
+    """grouped_mm visits every local expert on the CPU, so a call with few of them active loops."""
+    experts = 64
+    auto = ExpertShard([torch.zeros(experts, 8, 4)], [torch.zeros(experts, 4, 4)])
+    few, many = torch.zeros(experts, dtype=torch.int64), torch.ones(experts, dtype=torch.int64)
+    few[[3, 17, 40, 63]] = 1
+    assert (auto.kernel_for(few), auto.kernel_for(many)) == ("loop", "grouped_mm")
+    forced = ExpertShard([torch.zeros(experts, 8, 4)], [torch.zeros(experts, 4, 4)], grouped=True)
+    assert forced.kernel_for(few) == "grouped_mm"
+    assert ExpertShard(forced.gate_up, forced.down, grouped=False).kernel_for(many) == "loop"
 
 
 def test_reslot_copies_held_experts_reads_the_others_and_leaves_the_live_shard_alone(checkpoints) -> None:
@@ -290,6 +301,7 @@ def test_reslot_copies_held_experts_reads_the_others_and_leaves_the_live_shard_a
         assert new.gate_up[layer].data_ptr() != live.gate_up[layer].data_ptr()
     assert read == 2 * 2 * (2 * 16 * 32 + 32 * 16) * 4  # experts 0 and 9, two layers, fp32
     assert live.reslot(reader, MOE_LAYERS, every_layer([2, 5, 7]), every_layer([5, 2]))[1] == 0
+    assert new.forced is None  # a reslotted shard still picks its kernel per call
 
 
 def test_each_layer_holds_and_reslots_its_own_experts(checkpoints) -> None:

@@ -1,5 +1,6 @@
-"""Transports on the CPU: gloo over point-to-point messages, the transport chosen per pair of ranks, and
-a peer that stops answering is a TransportError within the timeout, never a hang."""
+"""Transports on the CPU: gloo over point-to-point messages, the transport chosen per pair of ranks and
+how long its waits spin, and a peer that stops answering is a TransportError within the timeout, never
+a hang."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cluster.instance.resources import reservations_fit_cores
 from cluster.transport.gloo import GlooTransport
 from cluster.transport.group import new_rendezvous, open_transport
 from cluster.transport.nccl import Watchdog
 from cluster.transport.per_peer import PerPeerTransport
-from cluster.transport.shm import ShmTransport
+from cluster.transport.shm import DEDICATED_SPIN_S, SPIN_S, ShmTransport
 from router.errors import TransportError
 from router.transport import Op, head
 from tests.conftest import free_port
@@ -89,6 +91,7 @@ def test_the_rendezvous_chooses_shm_within_the_routers_node_and_gloo_beyond():
     one_node = new_rendezvous("auto", ["n0", "n0", "n0"])
     assert one_node.gloo_ranks == () and one_node.gloo_address is None
     assert new_rendezvous("auto", ["n0", "n0"]).shm_prefix != one_node.shm_prefix  # one name per group
+    assert not one_node.dedicated_cores and new_rendezvous("auto", ["n0", "n0"], True).dedicated_cores
     forced = new_rendezvous("gloo", ["n0", "n0", "n0"])
     assert forced.shm_prefix is None and forced.gloo_ranks == (0, 1, 2)
     with pytest.raises(ValueError, match=r"transport=shm, but expert ranks \[2\] are on other nodes"):
@@ -120,8 +123,37 @@ def test_a_mixed_group_reaches_each_peer_over_its_own_transport():
         t.join(20)
     assert isinstance(router, PerPeerTransport)
     assert isinstance(opened[1], ShmTransport)  # shares the router's node
+    assert opened[1].spin_s == SPIN_S  # ranks that may share cores spin briefly
     assert isinstance(opened[2], PerPeerTransport)  # gloo, as rank 1 of the router's 2-rank gloo group
     router.close()
+
+
+@pytest.mark.parametrize(("dedicated", "spin_s"), [(False, SPIN_S), (True, DEDICATED_SPIN_S)])
+def test_ranks_with_cores_of_their_own_spin_longer_in_a_wait(dedicated, spin_s):
+    rendezvous = new_rendezvous("auto", ["n0", "n0"], dedicated_cores=dedicated)
+    opened: dict[int, object] = {}
+    threads = _in_threads(lambda: opened.setdefault(1, open_transport(rendezvous, 1, 2, timeout_s=20)))
+    router = open_transport(rendezvous, 0, 2, timeout_s=20)
+    for t in threads:
+        t.join(20)
+    assert router.spin_s == opened[1].spin_s == spin_s
+    router.close()
+    opened[1].close()
+
+
+@pytest.mark.parametrize(
+    ("reserved", "advertised", "cores", "dedicated"),
+    [
+        ([1, 1], 2, 2, True),  # a router and an expert actor on a 2-core node
+        ([1, 1], 3, 2, False),  # Ray told of 3 CPUs on 2 cores: two reservations share one
+        ([0.5, 1], 2, 2, False),  # a fractional reservation shares its core
+        ([2, 1], 16, 16, True),
+    ],
+)
+def test_cores_are_dedicated_where_every_reservation_is_a_whole_core_of_the_node(
+    reserved, advertised, cores, dedicated
+):
+    assert reservations_fit_cores(reserved, advertised, cores) is dedicated
 
 
 class _Completion:

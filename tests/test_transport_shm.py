@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from cluster.transport.shm import ShmTransport, new_prefix
+from cluster.transport.shm import DEDICATED_SPIN_S, SPIN_S, ShmTransport, new_prefix
 from cluster.transport.shm_ring import MIN_PIECE
 from router.errors import TransportError
 from router.transport import LAYER, OP, ROWS, TAG, Op, head
@@ -160,10 +160,11 @@ def test_two_micro_batches_interleaved_keep_fifo_order_per_pair():
         router.close()
 
 
-def test_a_peer_sigkilled_inside_a_wait_is_a_transport_error_well_within_the_timeout():
+@pytest.mark.parametrize("spin_s", [SPIN_S, DEDICATED_SPIN_S])
+def test_a_peer_sigkilled_inside_a_wait_is_a_transport_error_well_within_the_timeout(spin_s):
     prefix = new_prefix()
     with _peers(_wait_forever, prefix, [1], 2) as (peer,):
-        router = ShmTransport(prefix, 0, 2, timeout_s=30)
+        router = ShmTransport(prefix, 0, 2, timeout_s=30, spin_s=spin_s)
         killed_at: list[float] = []
 
         def kill() -> None:

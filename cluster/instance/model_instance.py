@@ -21,6 +21,7 @@ from cluster.instance.prompts import PromptEncoder
 from cluster.instance.rebalancer import Rebalancer
 from cluster.instance.resources import (
     config_bundles,
+    cores_are_dedicated,
     device_for,
     gpu_cache_budget,
     limit_threads,
@@ -283,7 +284,8 @@ class ModelInstance:
     def _form_group(self) -> tuple[Transport, list[ray.ObjectRef]]:
         infos = ray.get([e.info.remote() for e in self.experts], timeout=self.config.ready_timeout_s)
         nodes = [ray.get_runtime_context().get_node_id()] + [info["node_id"] for info in infos]
-        rendezvous = self.rendezvous = new_rendezvous(transport_kind(self.config), nodes)
+        dedicated = cores_are_dedicated(self.config, nodes[ROUTER_RANK])
+        rendezvous = self.rendezvous = new_rendezvous(transport_kind(self.config), nodes, dedicated)
         serving = [e.run_expert_loop.remote(rendezvous, self._version()) for e in self.experts]
         world = self.config.expert_shards + 1
         # returns once every rank joined
@@ -350,6 +352,7 @@ class ModelInstance:
                 for rank in range(1, self.config.expert_shards + 1)
             },
             "eplb": self.rebalancer.info() if self.rebalancer is not None else None,
+            "dedicated_cores": self.rendezvous.dedicated_cores,  # its shared-memory waits spin longer
         }
 
     def shutdown(self) -> None:

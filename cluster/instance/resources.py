@@ -42,6 +42,21 @@ def gpu_cache_budget(utilization: float) -> int:
     return budget
 
 
+def cores_are_dedicated(config: EngineConfig, node_id: str) -> bool:
+    """Whether each of the instance's processes on node `node_id`, this process's, has a core of its own:
+    each reserves at least one CPU, and Ray advertises no more CPUs there than this process may run on,
+    so that no two reservations share a core."""
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    advertised = node["Resources"].get("CPU", 0.0) if node else math.inf
+    return reservations_fit_cores(
+        [config.router_cpus, config.expert_cpus], advertised, len(os.sched_getaffinity(0))
+    )
+
+
+def reservations_fit_cores(reserved_cpus: list[float], advertised_cpus: float, cores: int) -> bool:
+    return min(reserved_cpus) >= 1 and advertised_cpus <= cores
+
+
 def instance_bundles(expert_shards: int, router_cpus: float, expert_cpus: float, gpu: bool) -> list[dict]:
     """A model instance's placement group: bundle 0 for the router, then one per expert shard."""
     gpus = {"GPU": 1} if gpu else {}

@@ -24,12 +24,14 @@ class Rendezvous:
     nccl_id: tuple[int, ...] | None = None
     shm_prefix: str | None = None
     shm_ranks: tuple[int, ...] = ()  # the router and the expert ranks on its node
+    dedicated_cores: bool = False  # each of shm_ranks has a core of its own: its waits spin longer
     gloo_address: str | None = None
     gloo_ranks: tuple[int, ...] = ()  # the router and the expert ranks it reaches over gloo, in group order
 
 
-def new_rendezvous(kind: TransportKind, nodes: list[str]) -> Rendezvous:
-    """`nodes[r]` is the Ray node id of rank r (the router first)."""
+def new_rendezvous(kind: TransportKind, nodes: list[str], dedicated_cores: bool = False) -> Rendezvous:
+    """`nodes[r]` is the Ray node id of rank r (the router first); `dedicated_cores`: each rank on the
+    router's node has a core of its own (cluster/instance/resources.py: cores_are_dedicated)."""
     if kind == "nccl":
         from cluster.transport.nccl import new_unique_id
 
@@ -44,7 +46,14 @@ def new_rendezvous(kind: TransportKind, nodes: list[str]) -> Rendezvous:
 
         shm = new_prefix()
     gloo_ranks = (ROUTER_RANK, *(r for r in remote if r != ROUTER_RANK)) if remote else ()
-    return Rendezvous(kind, None, shm, local, _gloo_address() if gloo_ranks else None, gloo_ranks)
+    return Rendezvous(
+        kind,
+        shm_prefix=shm,
+        shm_ranks=local,
+        dedicated_cores=dedicated_cores,
+        gloo_address=_gloo_address() if gloo_ranks else None,
+        gloo_ranks=gloo_ranks,
+    )
 
 
 def _gloo_address() -> str:
@@ -63,10 +72,11 @@ def open_transport(rendezvous: Rendezvous, rank: int, world_size: int, timeout_s
         return NcclTransport(rendezvous.nccl_id, rank, world_size, timeout_s)
     routes: dict[int, tuple[Transport, int]] = {}
     if rendezvous.shm_prefix is not None and rank in rendezvous.shm_ranks:
-        from cluster.transport.shm import ShmTransport
+        from cluster.transport.shm import DEDICATED_SPIN_S, SPIN_S, ShmTransport
 
         peers = [r for r in rendezvous.shm_ranks if r != rank] if rank == ROUTER_RANK else [ROUTER_RANK]
-        shm = ShmTransport(rendezvous.shm_prefix, rank, world_size, peers, timeout_s)
+        spin_s = DEDICATED_SPIN_S if rendezvous.dedicated_cores else SPIN_S
+        shm = ShmTransport(rendezvous.shm_prefix, rank, world_size, peers, timeout_s, spin_s=spin_s)
         routes.update({peer: (shm, peer) for peer in peers})
     if rank in rendezvous.gloo_ranks:
         from cluster.transport.gloo import GlooTransport

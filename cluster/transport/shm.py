@@ -5,9 +5,12 @@ written while this rank waits in a later recv (so a send never blocks and two ra
 messages to each other cannot deadlock). A recv returns a view of the ring when the message arrived
 in one piece, and otherwise assembles the pieces into a new tensor while the writer streams them.
 
-Waiting spins for a few tens of microseconds (the answer to a small dispatch is usually that close),
-then sleeps on a futex in slices; each slice checks that the peer is alive (a pidfd, so a SIGKILLed
-peer is seen within one slice) and has not closed its side, and the whole wait fails after timeout_s.
+Waiting spins, then sleeps on a futex in slices. The spin is a few tens of microseconds where ranks may
+share cores, and 2 ms where each has one of its own (`spin_s`, chosen by cluster/transport/group.py):
+at one sequence the answer to a dispatch is about a layer's expert compute away (~1 ms here), and the
+sleep and wake-up that a short spin ends in cost more than spinning on a core nothing else uses. Each
+slice of the sleep checks that the peer is alive (a pidfd, so a SIGKILLed peer is seen within one
+slice) and has not closed its side, and the whole wait fails after timeout_s.
 One thread drives a transport at a time.
 """
 
@@ -27,6 +30,7 @@ from router.transport import HEAD_LEN, ROWS
 
 RING_BYTES = 4 << 20  # per direction of each pair
 SPIN_S = 50e-6
+DEDICATED_SPIN_S = 2e-3
 SLICE_S = 0.02  # how often a sleeping wait checks its peer
 PUMP_SLICE_S = 0.001  # ... while it still has queued bytes to write
 _EMPTY = torch.empty(0, dtype=torch.uint8)
@@ -46,9 +50,11 @@ class ShmTransport:
         peers: list[int] | None = None,
         timeout_s: float = 60.0,
         ring_bytes: int = RING_BYTES,
+        spin_s: float = SPIN_S,
     ) -> None:
         """Joins the pairs between `rank` and each of `peers` (default: every other rank)."""
         self.rank, self.world_size = rank, world_size
+        self.spin_s = spin_s
         self.device = torch.device("cpu")
         self.timeout_s = timeout_s
         peers = [p for p in range(world_size) if p != rank] if peers is None else list(peers)
@@ -149,7 +155,7 @@ class ShmTransport:
 
     def _wait(self, pair: PairSegment) -> None:
         ring = pair.in_ring
-        spin_end = time.perf_counter() + SPIN_S
+        spin_end = time.perf_counter() + self.spin_s
         while time.perf_counter() < spin_end:
             if ring.ready():
                 return
