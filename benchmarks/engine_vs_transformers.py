@@ -33,6 +33,7 @@ import transformers
 
 from benchmarks.engine_rows import format_table, roofline_tokens_per_s, table_rows, verdicts
 from benchmarks.machine import machine_record, read_bandwidth
+from benchmarks.results import results_path
 from cluster.demo import write_afmoe_checkpoint
 from cluster.engine import Engine
 from cluster.options.engine import EngineOptions
@@ -94,7 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="transformers experts_implementation (eager: its fastest on CPU, so the fair baseline)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the checkpoint and the prompts")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where the results go (default: benchmarks/results/engine_vs_transformers-<UTC time>.json)",
+    )
     args = parser.parse_args(argv)
     args.prompts = [int(n) for n in args.prompts.split(",")]
     args.shards = [int(n) for n in args.shards.split(",")]
@@ -269,21 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print("\n".join(verdicts(rows)))
     print(f"wall time {wall:.0f} s; load average {record['load_average']} at start, {os.getloadavg()} at end")
-    if args.json:
-        report = {
-            "machine": record,
-            "load_average_end": os.getloadavg(),
-            "read_bandwidth_bytes_per_s": bandwidth,
-            "read_bandwidth_one_thread_bytes_per_s": one_core_bandwidth,
-            "config": BENCH_CONFIG,
-            "new_tokens": args.new_tokens,
-            "prompt_lengths": [len(p) for p in prompts],
-            "transport": transport.get("transport", "default"),
-            "router_cpus": args.router_cpus,
-            "wall_seconds": wall,
-            "rows": rows,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    path = args.json or results_path("engine_vs_transformers")
+    report = {
+        "machine": record,
+        "load_average_end": os.getloadavg(),
+        "read_bandwidth_bytes_per_s": bandwidth,
+        "read_bandwidth_one_thread_bytes_per_s": one_core_bandwidth,
+        "config": BENCH_CONFIG,
+        "new_tokens": args.new_tokens,
+        "prompt_lengths": [len(p) for p in prompts],
+        "transport": transport.get("transport", "default"),
+        "router_cpus": args.router_cpus,
+        "wall_seconds": wall,
+        "rows": rows,
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {path}")
     return 0
 
 

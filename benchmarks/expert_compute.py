@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import machine_record, read_bandwidth
+from benchmarks.results import results_path
 from experts.shard import ExpertShard
 
 HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
@@ -51,7 +52,12 @@ def time_forward(experts: ExpertShard, tokens: int, gen: torch.Generator, repeat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where the results go (default: benchmarks/results/expert_compute-<UTC time>.json)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     record = machine_record()
@@ -85,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"({r['share_of_bandwidth']:.0%} of {bandwidth / 1e9:.1f} GB/s read bandwidth)",
                     flush=True,
                 )
-    if args.json:
-        report = {"machine": record, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows}
-        report["load_average_after"] = list(os.getloadavg())
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    path = args.json or results_path("expert_compute")
+    report = {"machine": record, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+    report["load_average_after"] = list(os.getloadavg())
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {path}")
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 
 from benchmarks.engine_vs_transformers import BENCH_CONFIG, FIRST_PLAIN_ID
+from benchmarks.results import results_path
 from cluster.demo import DEMO_TOKENIZER_VOCAB_SIZE, write_afmoe_checkpoint
 from cluster.engine import Engine
 
@@ -55,7 +56,12 @@ def ttfts(engine: Engine, prompts: list[list[int]]) -> tuple[list[float], list[i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where the results go (default: benchmarks/results/prefix_cache-<UTC time>.json)",
+    )
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -103,27 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     load_after = os.getloadavg()
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {os.cpu_count()} CPUs")
-    if args.json:
-        report = {
-            "benchmark": "prefix_cache",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-            },
-            "workload": {"prefix": PREFIX, "suffix": SUFFIX, "requests": REQUESTS, "repeats": args.repeats},
-            "engine": {**options, "checkpoint": BENCH_CONFIG},
-            "runs": runs,
-            "ratios": ratios,
-            "ratio_median": statistics.median(ratios),
-            "target": TARGET,
-            "first_tokens_identical": same,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    path = args.json or results_path("prefix_cache")
+    report = {
+        "benchmark": "prefix_cache",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "workload": {"prefix": PREFIX, "suffix": SUFFIX, "requests": REQUESTS, "repeats": args.repeats},
+        "engine": {**options, "checkpoint": BENCH_CONFIG},
+        "runs": runs,
+        "ratios": ratios,
+        "ratio_median": statistics.median(ratios),
+        "target": TARGET,
+        "first_tokens_identical": same,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {path}")
     return 0 if min(ratios) >= TARGET and same else 1
 
 

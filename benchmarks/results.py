@@ -60,6 +60,13 @@ def _commit() -> str | None:
     return f"{head}+changes" if head and changed else head
 
 
+def results_path(name: str, when: datetime.datetime | None = None) -> Path:
+    """results/<name>-<UTC time, to the second>.json: where a run of benchmark `name` goes by default."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    when = when or datetime.datetime.now(datetime.UTC)
+    return RESULTS_DIR / f"{name}-{when:%Y%m%dT%H%M%SZ}.json"
+
+
 class BenchmarkRun:
     """Started when the benchmark starts (the load average then), written when it ends."""
 
@@ -71,9 +78,7 @@ class BenchmarkRun:
 
     def write(self, results: object, path: Path | None = None) -> Path:
         """Writes results/<name>-<UTC time>.json (or `path`); returns where it went."""
-        if path is None:
-            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            path = RESULTS_DIR / f"{self.name}-{self.started:%Y%m%dT%H%M%SZ}.json"
+        path = path or results_path(self.name, self.started)
         record = {
             "benchmark": self.name,
             "date": self.started.isoformat(timespec="seconds"),

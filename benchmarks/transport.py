@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results import results_path
 from cluster.transport.gloo import GlooTransport
 from cluster.transport.shm import ShmTransport, new_prefix
 from router.transport import OP, ROWS, Op, head
@@ -96,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2000, help="timed rounds per transport and repeat")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where the results go (default: benchmarks/results/transport-<UTC time>.json)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
@@ -132,19 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if shm_p50 <= TARGET_SHM_P50_US else "MISSED"
     print(f"gloo / shm p50: {ratio:.1f}x; target shm p50 <= {TARGET_SHM_P50_US:.0f} us: {verdict}")
     print(f"load average (1, 5, 15 min): {load_before} at start, {load_after} at end")
-    if args.json:
-        report = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "load_average": {"start": load_before, "end": load_after},
-            "machine": machine(),
-            "workload": vars(args) | {"json": str(args.json)},
-            "runs": runs,
-            "summary": summary,
-            "gloo_over_shm_p50": ratio,
-            "target_shm_p50_us": TARGET_SHM_P50_US,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    path = args.json or results_path("transport")
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average": {"start": load_before, "end": load_after},
+        "machine": machine(),
+        "workload": vars(args) | {"json": str(path)},
+        "runs": runs,
+        "summary": summary,
+        "gloo_over_shm_p50": ratio,
+        "target_shm_p50_us": TARGET_SHM_P50_US,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {path}")
     return 0
 
 

@@ -245,7 +245,7 @@ class TransportExperts:
     def dispatch(self, layer, hidden, ids, weights, tag=0):
         plan = plan_dispatch(ids, weights, self.placement.layer(layer), self.load.offset(layer))
         self.load.add(layer, ids)
-        payload = pack_rows(hidden[plan.token_index], plan.local_ids, plan.weights)
+        payload = pack_rows(hidden.index_select(0, plan.token_index), plan.local_ids, plan.weights)
         self._answer_format = (hidden.shape[1], hidden.dtype)  # before any send: fail_over reads it
         ranks, counts, start, now = [], [], 0, time.monotonic()
         with self._comm(hidden, wait_for_main=True):
@@ -375,8 +375,8 @@ class LocalExperts:
         for rank, (shard, count) in enumerate(zip(self.shards, plan.shard_counts, strict=True), start=1):
             if count:
                 end = start + count
-                rows = plan.token_index[start:end]
-                part = shard.forward(layer, hidden[rows], plan.local_ids[start:end], plan.weights[start:end])
+                rows = hidden.index_select(0, plan.token_index[start:end])
+                part = shard.forward(layer, rows, plan.local_ids[start:end], plan.weights[start:end])
                 sent.ranks.append(rank)
                 sent.counts.append(count)
                 sent.local.append(part)

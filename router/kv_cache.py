@@ -41,7 +41,9 @@ class SequenceBlocks:
 class GroupIndex:
     """Where one layer group's keys are for one part of a step."""
 
-    cached_slots: torch.Tensor  # [B, Lc] slots of the cached keys each query may see (0 where padded)
+    # [B, Lc + Lq] slots of the keys each query row may see: the cached ones, then the step's own (0 where
+    # padded). Attention writes the step's keys first and then reads every key through these.
+    key_slots: torch.Tensor
     mask: torch.Tensor  # [B, 1, Lq, Lc + Lq] bool, True = attend
     write_tokens: torch.Tensor  # [W] step tokens whose K/V are stored
     write_slots: torch.Tensor  # [W]
@@ -235,7 +237,10 @@ class KVCache:
                 mask &= kpos[:, None, :] > qpos[:, :, None] - self.window
             mask |= ~valid_q[:, :, None]  # padded query rows: anything finite, their output is dropped
             write_slots = self._slots(table[rows], qpos[rows, cols][:, None])[:, 0]
-            groups[group] = GroupIndex(slots, mask[:, None], write_tokens, write_slots)
+            step_slots = torch.zeros(batch, max_q, dtype=slots.dtype, device=dev)
+            step_slots[rows, cols] = write_slots
+            key_slots = torch.cat([slots, step_slots], 1)
+            groups[group] = GroupIndex(key_slots, mask[:, None], write_tokens, write_slots)
         return AttentionPart(tokens, grid_index, batch, max_q, groups)
 
     def _slots(self, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def gather_slots(stored: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """stored [S, ...] at slots [B, L]: [B, L, ...]. index_select, because on the CPU indexing with a
+    tensor (stored[slots]) is several times slower for the same gather (torch 2.13)."""
+    return stored.index_select(0, slots.reshape(-1)).view(*slots.shape, *stored.shape[1:])
+
+
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """x [T, heads, dim] rotated by the per-token cos/sin [T, dim]."""
     cos, sin = rope
@@ -93,32 +99,35 @@ class PagedAttention(nn.Module):
         )
 
     def attend(self, q, k, v, cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
-        """q [T, heads, dim], k and v [T, kv_heads, dim] of the step's tokens; stores them in the cache.
+        """q [T, heads, dim], k and v [T, kv_heads, dim] of the step's tokens; stores them in the cache,
+        then reads every key a query sees from there (one gather, no concatenation of cached and new).
 
         A layer whose cache holds one tensor (latent attention) passes it as both k and v.
         """
         group = cache.group_of[self.layer]
         stored = cache.entries[self.layer]
+        for part in batch.parts:
+            index = part.groups[group]
+            for tensor, step in zip(stored, (k, v), strict=False):
+                tensor[index.write_slots] = step.index_select(0, index.write_tokens)
         k_cache, v_cache = stored[0], stored[-1]
         out = q.new_empty(*q.shape[:2], v.shape[-1])
         for part in batch.parts:
             index = part.groups[group]
             rows = part.batch * part.max_query
-
-            def grid(t: torch.Tensor, part=part, rows=rows) -> torch.Tensor:
-                if part.max_query == 1:  # decodes: one query each, nothing to pad
-                    return t[part.tokens].unsqueeze(1)
-                padded = t.new_zeros(rows, *t.shape[1:])
-                padded[part.grid_index] = t[part.tokens]
-                return padded.view(part.batch, part.max_query, *t.shape[1:])
-
-            keys = torch.cat([k_cache[index.cached_slots], grid(k)], 1).transpose(1, 2)
-            values = keys if v is k else torch.cat([v_cache[index.cached_slots], grid(v)], 1).transpose(1, 2)
+            if part.max_query == 1:  # decodes: one query each, nothing to pad
+                queries = q.index_select(0, part.tokens).unsqueeze(1)
+            else:
+                queries = q.new_zeros(rows, *q.shape[1:])
+                queries[part.grid_index] = q.index_select(0, part.tokens)
+                queries = queries.view(part.batch, part.max_query, *q.shape[1:])
+            keys = gather_slots(k_cache, index.key_slots).transpose(1, 2)
+            values = keys if v_cache is k_cache else gather_slots(v_cache, index.key_slots).transpose(1, 2)
             mask = index.mask
             if self.sinks is not None:
                 keys, values, mask = self._sink_key(keys, values, mask)
             attended = F.scaled_dot_product_attention(
-                grid(q).transpose(1, 2),
+                queries.transpose(1, 2),
                 keys,
                 values,
                 attn_mask=mask,
@@ -126,11 +135,7 @@ class PagedAttention(nn.Module):
                 enable_gqa=self.heads != k.shape[1],
             )
             attended = attended.transpose(1, 2).reshape(rows, self.heads, -1)
-            out[part.tokens] = attended if part.max_query == 1 else attended[part.grid_index]
-        for part in batch.parts:
-            index = part.groups[group]
-            for tensor, step in zip(stored, (k, v), strict=False):
-                tensor[index.write_slots] = step[index.write_tokens]
+            out[part.tokens] = attended if part.max_query == 1 else attended.index_select(0, part.grid_index)
         return out
 
     def _sink_key(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
@@ -343,6 +348,6 @@ class RouterModel(nn.Module):
         rope = self.rope(mb.batch.positions, x.dtype)
         for layer in self.model.layers:
             x = yield from layer.run(x, rope, cache, mb.batch, experts, tag)
-        x = self.model.norm(x[mb.logits_index])
+        x = self.model.norm(x.index_select(0, mb.logits_index))
         head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         return F.linear(x, head).float()

@@ -232,14 +232,24 @@ class FakeKeys:
         assert covered == list(range(sum(lengths)))  # every step token in exactly one part
         seen = {}
         for group, store in self.store.items():
+            writes = torch.cat([p.groups[group].write_slots for p in batch.parts])
+            assert writes.unique().numel() == writes.numel(), "two keys written to one slot"
+            for part in batch.parts:  # the step's keys are written before attention reads any key
+                index = part.groups[group]
+                for t, slot in zip(index.write_tokens.tolist(), index.write_slots.tolist(), strict=True):
+                    mine = blocks[owner[t]].full if group == FULL else blocks[owner[t]].sliding
+                    assert slot // self.cache.block_size in mine, (
+                        "a key written outside its sequence's blocks"
+                    )
+                store[index.write_slots] = batch.positions[index.write_tokens]
             visible = {}
             for part in batch.parts:
                 index = part.groups[group]
-                lc = index.cached_slots.shape[1]
-                assert index.mask.shape == (part.batch, 1, part.max_query, lc + part.max_query)
+                assert index.key_slots.shape[1] >= part.max_query
+                assert index.mask.shape == (part.batch, 1, part.max_query, index.key_slots.shape[1])
                 # padded query rows included: a row that sees no key would make attention NaN
                 assert index.mask.any(-1).all()
-                cached_pos = store[index.cached_slots]
+                key_pos = store[index.key_slots]
                 grid_tokens = torch.full((part.batch * part.max_query,), -1)
                 grid_tokens[part.grid_index] = part.tokens
                 grid_tokens = grid_tokens.view(part.batch, part.max_query)
@@ -249,23 +259,8 @@ class FakeKeys:
                         if token < 0:
                             continue
                         seq, qpos = owner[token], int(batch.positions[token])
-                        row = index.mask[b, 0, j]
-                        keys = cached_pos[b][row[:lc]].tolist()
-                        step_tokens = grid_tokens[b][row[lc:]]
-                        assert (step_tokens >= 0).all(), "a query attends to a padded key"
-                        keys += batch.positions[step_tokens].tolist()
-                        visible[(seq, qpos)] = keys
+                        visible[(seq, qpos)] = key_pos[b][index.mask[b, 0, j]].tolist()
             seen[group] = visible
-            writes = torch.cat([p.groups[group].write_slots for p in batch.parts])
-            assert writes.unique().numel() == writes.numel(), "two keys written to one slot"
-            for part in batch.parts:
-                index = part.groups[group]
-                for t, slot in zip(index.write_tokens.tolist(), index.write_slots.tolist(), strict=True):
-                    mine = blocks[owner[t]].full if group == FULL else blocks[owner[t]].sliding
-                    assert slot // self.cache.block_size in mine, (
-                        "a key written outside its sequence's blocks"
-                    )
-                store[index.write_slots] = batch.positions[index.write_tokens]
         for seq_blocks, start, n in zip(blocks, starts, lengths, strict=True):
             self.cache.trim(seq_blocks, start + n)
         return seen
@@ -351,7 +346,7 @@ def test_build_masks_for_sliding_window_are_exact_on_a_long_prefill() -> None:
     (part,) = batch.parts
     for group in (FULL, SLIDING):
         index = part.groups[group]
-        assert index.cached_slots.shape[1] == 0
+        assert index.key_slots.shape[1] == 12  # nothing cached: the step's own keys only
         mask = index.mask[0, 0]
         for q in range(12):
             for kp in range(12):
