@@ -6,7 +6,9 @@ loop calls it, one torch thread as an expert actor runs).
 Prints microseconds per call and the weight bytes per second it reads, against the memory read
 bandwidth measured in the same run; writes JSON.
 
-    python -m benchmarks.expert_compute [--json benchmarks/results/expert_compute.json]
+    python -m benchmarks.expert_compute [--json PATH]
+
+(default PATH: benchmarks/results/expert_compute-<UTC time>.json)
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ are sent one after another. Each request asks for one token, so its latency is i
 Each repeat uses a fresh prefix, so no repeat finds the previous one's blocks; the engines alternate.
 Prints TTFT p50 of requests 2..16 per engine, the ratio and its spread over repeats, and the hit rate.
 
-    python benchmarks/prefix_cache.py [--repeats 3] [--json benchmarks/results/prefix_cache.json]
+    python benchmarks/prefix_cache.py [--repeats 3] [--json PATH]
+
+(default PATH: benchmarks/results/prefix_cache-<UTC time>.json)
 
 Target: TTFT p50 of requests 2..16 >= 5x lower with caching on.
 """
