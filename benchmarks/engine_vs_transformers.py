@@ -95,12 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="transformers experts_implementation (eager: its fastest on CPU, so the fair baseline)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the checkpoint and the prompts")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help="where the results go (default: benchmarks/results/engine_vs_transformers-<UTC time>.json)",
-    )
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     args.prompts = [int(n) for n in args.prompts.split(",")]
     args.shards = [int(n) for n in args.shards.split(",")]

@@ -54,12 +54,7 @@ def time_forward(experts: ExpertShard, tokens: int, gen: torch.Generator, repeat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help="where the results go (default: benchmarks/results/expert_compute-<UTC time>.json)",
-    )
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     record = machine_record()

@@ -48,12 +48,7 @@ def p50_us(gather, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help="where the results go (default: benchmarks/results/gather-<UTC time>.json)",
-    )
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     record = machine_record()

@@ -58,12 +58,7 @@ def ttfts(engine: Engine, prompts: list[list[int]]) -> tuple[list[float], list[i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help="where the results go (default: benchmarks/results/prefix_cache-<UTC time>.json)",
-    )
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -97,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2000, help="timed rounds per transport and repeat")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help="where the results go (default: benchmarks/results/transport-<UTC time>.json)",
-    )
+    parser.add_argument("--json", type=Path, help="write the results here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
