@@ -1,6 +1,6 @@
 """Gathering rows on the CPU, side by side: indexing with a tensor (`x[index]`) against `index_select`,
-one torch thread, for the gathers a decode step makes: the KV cache's keys of every sequence
-(router/layers.py: gather_slots), the dispatch payload's rows, an expert shard's rows.
+one torch thread (index_select through router/layers.py's gather_slots), for the gathers a decode step
+makes: the KV cache's keys of every sequence, the dispatch payload's rows, an expert shard's rows.
 
 Prints microseconds per gather (p50 of many) and the ratio; writes JSON.
 
@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.machine import machine_record
 from benchmarks.results import results_path
+from router.layers import gather_slots
 
 CACHE_SLOTS = 20_000  # slots of one layer's K (or V) tensor
 KV_HEADS, HEAD_DIM, HIDDEN = 4, 64, 512  # benchmarks/engine_vs_transformers.py's model
@@ -57,14 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (shape, index_shape) in CASES.items():
         source = torch.randn(*shape, generator=gen)
         index = torch.randint(0, shape[0], index_shape, generator=gen)
-        flat = index.reshape(-1)
         indexed = p50_us(lambda source=source, index=index: source[index], args.repeats)
-        selected = p50_us(
-            lambda source=source, flat=flat, index=index: source.index_select(0, flat).view(
-                *index.shape, *source.shape[1:]
-            ),
-            args.repeats,
-        )
+        selected = p50_us(lambda source=source, index=index: gather_slots(source, index), args.repeats)
         rows.append({"case": name, "indexing_us": indexed, "index_select_us": selected})
         ratio = indexed / selected
         print(f"{name:32s} x[index] {indexed:8.1f} us  index_select {selected:8.1f} us  {ratio:5.2f}x")

@@ -229,17 +229,14 @@ class KVCache:
             span = torch.arange(int(cached.max()) if batch else 0, device=dev)
             kpos_cached = low[:, None] + span[None, :]
             valid_cached = span[None, :] < cached[:, None]
-            slots = self._slots(table, kpos_cached) * valid_cached
             kpos = torch.cat([kpos_cached, qpos], 1)
             valid_k = torch.cat([valid_cached, valid_q], 1)
+            key_slots = self._slots(table, kpos) * valid_k
             mask = valid_k[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
             if group == SLIDING:
                 mask &= kpos[:, None, :] > qpos[:, :, None] - self.window
             mask |= ~valid_q[:, :, None]  # padded query rows: anything finite, their output is dropped
-            write_slots = self._slots(table[rows], qpos[rows, cols][:, None])[:, 0]
-            step_slots = torch.zeros(batch, max_q, dtype=slots.dtype, device=dev)
-            step_slots[rows, cols] = write_slots
-            key_slots = torch.cat([slots, step_slots], 1)
+            write_slots = key_slots[:, kpos_cached.shape[1] :][rows, cols]
             groups[group] = GroupIndex(key_slots, mask[:, None], write_tokens, write_slots)
         return AttentionPart(tokens, grid_index, batch, max_q, groups)
 
