@@ -1,7 +1,8 @@
 """One expert rank's compute, side by side: fp32 against bf16 weights, one GEMM chain per active expert
-against torch._grouped_mm and against the per-call choice between them (auto), for decode-sized and
-prefill-sized batches (ExpertShard.forward as the expert
-loop calls it, one torch thread as an expert actor runs).
+against torch._grouped_mm and against the per-call choice between them (auto), each with the weights'
+memory [E, out, in] (the checkpoint's) and [E, in, out], for decode-sized and prefill-sized batches
+(ExpertShard.forward as the expert loop calls it, one torch thread as an expert actor runs). The
+`default` column marks the memory order ExpertShard picks (experts/gemm_layout.py).
 
 Prints microseconds per call and the weight bytes per second it reads, against the memory read
 bandwidth measured in the same run; writes JSON.
@@ -14,6 +15,7 @@ bandwidth measured in the same run; writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -24,17 +26,25 @@ import torch
 
 from benchmarks.machine import machine_record, read_bandwidth
 from benchmarks.results import results_path
+from experts.gemm_layout import reads_transposed
 from experts.shard import ExpertShard
 
 HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
 TOKENS = (1, 2, 4, 8, 16, 64, 256)
 KERNELS = {"loop": False, "grouped_mm": True, "auto": None}
+MEMORY = {"out_in": False, "in_out": True}
 
 
-def shard(dtype: torch.dtype, grouped: bool | None, gen: torch.Generator) -> ExpertShard:
+def shard(dtype: torch.dtype, grouped: bool | None, transposed: bool, gen: torch.Generator) -> ExpertShard:
+    """A shard whose weights are held in the memory order `transposed` says, whichever it would pick."""
     gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * 0.05
     down = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.05
-    return ExpertShard([gate_up.to(dtype)], [down.to(dtype)], grouped=grouped)
+    experts = ExpertShard([gate_up.to(dtype)], [down.to(dtype)], grouped=grouped)
+    experts.gate_up, experts.down = (
+        [t.transpose(1, 2).contiguous().transpose(1, 2) if transposed else t.contiguous() for t in weights]
+        for weights in (experts.gate_up, experts.down)
+    )
+    return experts
 
 
 def time_forward(experts: ExpertShard, tokens: int, gen: torch.Generator, repeats: int) -> tuple[list, int]:
@@ -61,33 +71,37 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = read_bandwidth()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for kernel, grouped in KERNELS.items():
-            experts = shard(dtype, grouped, gen)
-            time_forward(experts, 16, gen, 3)  # warm-up
-            for tokens in TOKENS:
-                times, touched = time_forward(experts, tokens, gen, args.repeats)
-                p50 = statistics.median(times)
-                weight_bytes = touched * 3 * HIDDEN * INTER * dtype.itemsize
-                rows.append(
-                    {
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "kernel": kernel,
-                        "tokens": tokens,
-                        "experts_touched": touched,
-                        "p50_us": p50 * 1e6,
-                        "spread_us": [min(times) * 1e6, max(times) * 1e6],
-                        "weight_gb_per_s": weight_bytes / p50 / 1e9,
-                        "share_of_bandwidth": weight_bytes / p50 / bandwidth,
-                    }
-                )
-                r = rows[-1]
-                print(
-                    f"{r['dtype']:>8} {r['kernel']:>10} {tokens:>4} tokens ({touched:>2} experts): "
-                    f"{r['p50_us']:8.0f} us p50, {r['weight_gb_per_s']:5.1f} GB/s of weights "
-                    f"({r['share_of_bandwidth']:.0%} of {bandwidth / 1e9:.1f} GB/s read bandwidth)",
-                    flush=True,
-                )
+    for dtype, kernel, memory in itertools.product((torch.float32, torch.bfloat16), KERNELS, MEMORY):
+        transposed = MEMORY[memory]
+        experts = shard(dtype, KERNELS[kernel], transposed, gen)
+        default = transposed == reads_transposed(torch.device("cpu"), dtype)
+        time_forward(experts, 16, gen, 3)  # warm-up
+        for tokens in TOKENS:
+            times, touched = time_forward(experts, tokens, gen, args.repeats)
+            p50 = statistics.median(times)
+            weight_bytes = touched * 3 * HIDDEN * INTER * dtype.itemsize
+            rows.append(
+                {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "kernel": kernel,
+                    "memory": memory,
+                    "default": default,
+                    "tokens": tokens,
+                    "experts_touched": touched,
+                    "p50_us": p50 * 1e6,
+                    "spread_us": [min(times) * 1e6, max(times) * 1e6],
+                    "weight_gb_per_s": weight_bytes / p50 / 1e9,
+                    "share_of_bandwidth": weight_bytes / p50 / bandwidth,
+                }
+            )
+            r = rows[-1]
+            print(
+                f"{r['dtype']:>8} {kernel:>10} {memory}{'*' if default else ' '} "
+                f"{tokens:>4} tokens ({touched:>2} experts): "
+                f"{r['p50_us']:8.0f} us p50, {r['weight_gb_per_s']:5.1f} GB/s of weights "
+                f"({r['share_of_bandwidth']:.0%} of {bandwidth / 1e9:.1f} GB/s read bandwidth)",
+                flush=True,
+            )
     path = args.json or results_path("expert_compute")
     report = {"machine": record, "read_bandwidth_bytes_per_s": bandwidth, "rows": rows}
     report["load_average_after"] = list(os.getloadavg())

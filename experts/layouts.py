@@ -74,9 +74,7 @@ def load_layer(
         _load_biases(reader, prefix, expert_ids, interleaved, *biases)
 
 
-def _per_expert_layout(
-    reader: CheckpointReader, layer: int, expert: int
-) -> tuple[str, tuple[str, str, str]]:
+def _per_expert_layout(reader: CheckpointReader, layer: int, expert: int) -> tuple[str, tuple[str, str, str]]:
     for prefix, names in PER_EXPERT:
         if reader.has(f"{prefix.format(layer=layer)}.{expert}.{names[0]}"):
             return prefix.format(layer=layer), names

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.checkpoint import CheckpointReader
+from experts.gemm_layout import empty_weights, in_gemm_layout
 from experts.kind import ExpertKind
 from experts.layouts import expert_dims, load_layer
 
@@ -55,8 +56,8 @@ class ExpertShard:
                     f"MoE layer {layer}: biases {tuple(gb.shape)} and {tuple(db.shape)} do not match "
                     f"({num_local}, {two_i}) and ({num_local}, {hidden})"
                 )
-        self.gate_up = gate_up
-        self.down = down
+        self.gate_up = [in_gemm_layout(t) for t in gate_up]
+        self.down = [in_gemm_layout(t) for t in down]
         self.kind = kind
         self.gate_up_bias, self.down_bias = gate_up_bias, down_bias
         self.activate = activation(kind)
@@ -94,8 +95,8 @@ class ExpertShard:
         num = len(slots[0])
         gate_up, down, gate_up_bias, down_bias = [], [], [], []
         for layer, expert_ids in zip(layers, slots, strict=True):
-            gu = torch.empty(num, 2 * inter, hidden, dtype=dtype)
-            dn = torch.empty(num, hidden, inter, dtype=dtype)
+            gu = empty_weights(num, 2 * inter, hidden, dtype)
+            dn = empty_weights(num, hidden, inter, dtype)
             biases = None
             if kind.biases:
                 biases = torch.empty(num, 2 * inter, dtype=dtype), torch.empty(num, hidden, dtype=dtype)
@@ -132,9 +133,10 @@ class ExpertShard:
                 mine = getattr(self, name)
                 if mine is not None:
                     theirs = getattr(fresh, name)[0] if fresh else None
-                    built[name].append(
-                        torch.stack([mine[i][where[e]] if e in where else theirs[fresh_slot[e]] for e in ids])
+                    stacked = torch.stack(
+                        [mine[i][where[e]] if e in where else theirs[fresh_slot[e]] for e in ids]
                     )
+                    built[name].append(in_gemm_layout(stacked) if stacked.dim() == 3 else stacked)
         shard = ExpertShard(
             built["gate_up"],
             built["down"],
@@ -150,8 +152,8 @@ class ExpertShard:
             return None if tensors is None else [t.to(device) for t in tensors]
 
         return ExpertShard(
-            moved(self.gate_up),
-            moved(self.down),
+            [in_gemm_layout(t, device) for t in self.gate_up],
+            [in_gemm_layout(t, device) for t in self.down],
             kind=self.kind,
             gate_up_bias=moved(self.gate_up_bias),
             down_bias=moved(self.down_bias),

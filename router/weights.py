@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from experts.checkpoint import CheckpointError, CheckpointReader
+from experts.gemm_layout import in_gemm_layout
 from experts.kind import ExpertKind
 from router.config import ModelConfig, adapter
 from router.layers import RouterModel
@@ -23,11 +25,13 @@ FP32_PARAMS = (
 def load_router_model(
     reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> RouterModel:
-    """The config's architecture adapter's model, every tensor checked against the checkpoint's."""
+    """The config's architecture adapter's model, every tensor checked against the checkpoint's, every
+    Linear's weight in the memory order its GEMM reads fastest (experts/gemm_layout.py)."""
     family = adapter(config.architecture)
     with torch.device("meta"):
         model = family.Model(config)
     aliases = getattr(family, "CHECKPOINT_ALIASES", ())
+    linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     state = {}
     for name, param in model.state_dict().items():
         stored = _stored_name(reader, name, aliases)
@@ -37,7 +41,8 @@ def load_router_model(
                 f"{reader.model_dir}: tensor {name} has shape {tuple(found)}, expected {tuple(param.shape)}"
             )
         keep_fp32 = name.endswith(FP32_PARAMS)
-        state[name] = reader.get(stored, torch.float32 if keep_fp32 else dtype).to(device)
+        tensor = reader.get(stored, torch.float32 if keep_fp32 else dtype).to(device)
+        state[name] = in_gemm_layout(tensor) if name in linear else tensor
     model.load_state_dict(state, assign=True)
     model.init_buffers(device)  # built on the meta device above
     return model.eval()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, Qwen3MoeForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
@@ -26,7 +27,7 @@ from router.gpt_oss import DEFAULT_THETA
 from router.layers import rope_frequencies
 from router.rope import RopeScaling
 from router.tokenizer import Tokenizer
-from router.weights import expert_kind
+from router.weights import expert_kind, load_router_model
 from tests.conftest import FAMILY_PARITY_CONFIGS, hf_greedy, hf_reference
 from tests.toolkit import checkout_cli, local_core
 
@@ -369,3 +370,26 @@ def test_deepseek_fields_it_does_not_implement_are_load_errors(family_checkpoint
     raw = _raw(family_checkpoints["deepseek-qlora-interleave-yarn-2groups-top3"])
     with pytest.raises(ConfigError, match=re.escape(message)):
         ModelConfig.from_dict(raw | change)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_PARITY_CONFIGS))
+def test_router_linears_hold_the_checkpoint_in_the_memory_order_their_gemm_reads_fastest(
+    family_checkpoints, name
+) -> None:
+    """fp32 on the CPU: [in, out] memory behind each Linear's [out, in] weight (experts/gemm_layout.py);
+    bf16: the checkpoint's own order. The values are the checkpoint's either way."""
+    path = family_checkpoints[name]
+    reader, config = CheckpointReader(path), ModelConfig.from_model_dir(path)
+    tensors = load_file(path / "model.safetensors")
+    for dtype, transposed in ((torch.float32, True), (torch.bfloat16, False)):
+        model = load_router_model(reader, config, dtype, torch.device("cpu"))
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        compared = 0
+        for module_name, module in linears.items():
+            weight = module.weight
+            assert weight.T.is_contiguous() is transposed and weight.is_contiguous() is not transposed
+            stored = tensors.get(f"{module_name}.weight")
+            if stored is not None:  # else stored under an alias
+                assert torch.equal(weight, stored.to(dtype)), module_name
+                compared += 1
+        assert compared >= len(linears) // 2 > 0

@@ -323,3 +323,33 @@ def test_each_layer_holds_and_reslots_its_own_experts(checkpoints) -> None:
     assert read == (2 * 16 * 32 + 32 * 16) * 4  # one expert of one layer, fp32
     with pytest.raises(ValueError, match="as many slots"):
         ExpertShard.load(reader, MOE_LAYERS, [[2, 5], [0]], torch.float32)
+
+
+def _transposed_memory(t: torch.Tensor) -> bool:
+    """[E, out, in] values whose memory is [E, in, out], dense."""
+    return t.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "dtype, transposed", [(torch.float32, True), (torch.bfloat16, False)], ids=["fp32", "bf16"]
+)
+def test_weights_are_held_in_the_memory_order_the_cpu_gemm_reads_fastest(checkpoints, dtype, transposed):
+    """fp32 on the CPU: [E, in, out] memory behind the [E, out, in] values, from a load, a reslot and a
+    shard built from checkpoint-order tensors alike, with the same forward as the checkpoint's order."""
+    reader = CheckpointReader(checkpoints.fused)
+    loaded = ExpertShard.load(reader, MOE_LAYERS, every_layer([2, 5, 7]), dtype)
+    moved, _ = loaded.reslot(reader, MOE_LAYERS, every_layer([2, 5, 7]), every_layer([7, 0, 2]))
+    given = [t.contiguous() for t in loaded.gate_up], [t.contiguous() for t in loaded.down]
+    built = ExpertShard(*given)
+    for shard in (loaded, moved, built):
+        for t in (*shard.gate_up, *shard.down):
+            assert _transposed_memory(t) is transposed and t.is_contiguous() is not transposed
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, built.hidden_size, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(3, generator=gen) for _ in range(5)])
+    weights = torch.rand(5, 3, generator=gen)
+    checkpoint_order = ExpertShard(*given)
+    checkpoint_order.gate_up, checkpoint_order.down = given
+    torch.testing.assert_close(
+        built.forward(0, rows, ids, weights), checkpoint_order.forward(0, rows, ids, weights)
+    )
