@@ -13,9 +13,9 @@ from experts.layouts import expert_dims, load_layer
 PLAIN = ExpertKind()
 
 # On the CPU, torch._grouped_mm steps through every local expert, active or not, so with few active it
-# loses to one GEMM pair per active expert. 64 experts, fp32, p50: 4 active (1 token) 623-656 us looped
-# against 734-740 grouped, 8 active about even, 15 active 1972-2220 against 1877-1966
-# (benchmarks/results/expert_compute-20261203T091244Z.json, -091258Z.json).
+# loses to one GEMM pair per active expert. 64 experts, fp32 ([in, out] memory), p50: 4 active (1 token)
+# 392-442 us looped against 469-471 grouped, 8 active 732-767 against 758-793, 14-15 active about even
+# (benchmarks/results/expert_compute-20261203T164541Z.json, -164603Z.json).
 CPU_LOOP_MAX_ACTIVE_SHARE = 1 / 6
 
 
