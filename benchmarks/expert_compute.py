@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.machine import machine_record, read_bandwidth
 from benchmarks.results import results_path
-from experts.gemm_layout import reads_transposed
+from experts.gemm_layout import held_as, reads_transposed
 from experts.shard import ExpertShard
 
 HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
@@ -40,10 +40,8 @@ def shard(dtype: torch.dtype, grouped: bool | None, transposed: bool, gen: torch
     gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * 0.05
     down = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.05
     experts = ExpertShard([gate_up.to(dtype)], [down.to(dtype)], grouped=grouped)
-    experts.gate_up, experts.down = (
-        [t.transpose(1, 2).contiguous().transpose(1, 2) if transposed else t.contiguous() for t in weights]
-        for weights in (experts.gate_up, experts.down)
-    )
+    experts.gate_up = [held_as(t, transposed) for t in experts.gate_up]
+    experts.down = [held_as(t, transposed) for t in experts.down]
     return experts
 
 

@@ -18,14 +18,20 @@ def reads_transposed(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+def held_as(weights: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """`weights` [..., out, in] over dense [..., in, out] memory if `transposed`, else [..., out, in];
+    no copy where they already are."""
+    if transposed:
+        return weights.transpose(-2, -1).contiguous().transpose(-2, -1)
+    return weights.contiguous()
+
+
 def in_gemm_layout(weights: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """`weights` [..., out, in], on `device` (default: where they are), in the memory order
-    reads_transposed picks there; no copy where they already are in it. The order is made before the
-    move, so weights moved to a GPU are never held twice there."""
+    reads_transposed picks there. The order is made before the move, so weights moved to a GPU are
+    never held twice there."""
     device = weights.device if device is None else torch.device(device)
-    if reads_transposed(device, weights.dtype):
-        return weights.transpose(-2, -1).contiguous().transpose(-2, -1).to(device)
-    return weights.contiguous().to(device)
+    return held_as(weights, reads_transposed(device, weights.dtype)).to(device)
 
 
 def empty_weights(num: int, out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
