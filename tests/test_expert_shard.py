@@ -1,5 +1,7 @@
 import json
+import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AfmoeConfig, AfmoeForCausalLM
 
+import experts.gemv_kernel as gemv_kernel
 from experts.checkpoint import CheckpointError, CheckpointReader
 from experts.placement import ExpertPlacement
 from experts.shard import ExpertShard
@@ -260,32 +263,90 @@ def test_constructor_validates_shapes() -> None:
         ExpertShard([torch.zeros(2, 8, 4)] * 2, [torch.zeros(2, 4, 4), torch.zeros(2, 4, 3)])
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_grouped_gemm_matches_the_per_expert_loop(dtype, tol):
-    """torch._grouped_mm against the per-expert loop, on the CPU: same rows, same experts."""
-    gen = torch.Generator().manual_seed(0)
-    experts, hidden, inter, rows, k = 6, 32, 16, 40, 3
+def _kernel_case(dtype: torch.dtype, rows: int, seed: int = 0) -> tuple[list, list, torch.Tensor, ...]:
+    """Six experts, uneven rows per expert, expert 5 with none, some empty slots and a row with none."""
+    gen = torch.Generator().manual_seed(seed)
+    experts, hidden, inter, k = 6, 32, 16, 3
     gate_up = [(torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2).to(dtype)]
     down = [(torch.randn(experts, hidden, inter, generator=gen) * 0.2).to(dtype)]
     x = torch.randn(rows, hidden, generator=gen).to(dtype)
     ids = torch.randint(0, experts - 1, (rows, k), generator=gen)  # expert 5 never gets a row
     ids[::4, 1] = -1  # empty slots
-    weights = torch.rand(rows, k, generator=gen)
-    grouped = ExpertShard(gate_up, down, grouped=True).forward(0, x, ids, weights)
-    looped = ExpertShard(gate_up, down, grouped=False).forward(0, x, ids, weights)
+    ids[-1] = -1  # a row this shard computes nothing for
+    return gate_up, down, x, ids, torch.rand(rows, k, generator=gen)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_grouped_gemm_matches_the_per_expert_loop(dtype, tol):
+    """torch._grouped_mm against the per-expert loop, on the CPU: same rows, same experts."""
+    gate_up, down, x, ids, weights = _kernel_case(dtype, 40)
+    grouped = ExpertShard(gate_up, down, "grouped_mm").forward(0, x, ids, weights)
+    looped = ExpertShard(gate_up, down, "loop").forward(0, x, ids, weights)
     assert (grouped.float() - looped.float()).abs().max().item() < tol
 
 
-def test_auto_kernel_on_the_cpu_loops_over_few_active_experts_and_groups_many() -> None:
-    """grouped_mm visits every local expert on the CPU, so a call with few of them active loops."""
+@pytest.mark.parametrize("rows", [1, 2, 7, 40, 300])
+def test_gemv_kernel_matches_the_per_expert_loop(rows: int) -> None:
+    """The C decode kernel (fp32, [in, out] memory) against the loop, from one row to many per expert;
+    the last row has no expert here and gets zeros."""
+    gate_up, down, x, ids, weights = _kernel_case(torch.float32, rows, seed=rows)
+    gemv = ExpertShard(gate_up, down, "gemv")
+    assert gemv.gate_up[0].transpose(1, 2).is_contiguous(), "precondition: [in, out] memory"
+    got = gemv.forward(0, x, ids, weights)
+    torch.testing.assert_close(got, ExpertShard(gate_up, down, "loop").forward(0, x, ids, weights))
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+
+
+def test_gemv_kernel_is_only_for_plain_fp32_experts_over_in_out_memory() -> None:
+    gate_up, down, x, _, _ = _kernel_case(torch.float32, 8)
+    with pytest.raises(ValueError, match="gemv kernel is not available"):
+        ExpertShard([gate_up[0].bfloat16()], [down[0].bfloat16()], "gemv")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ExpertShard(gate_up, down, "fast")
+    assert ExpertShard([gate_up[0].bfloat16()], [down[0].bfloat16()]).gemv is None
+    shard = ExpertShard(gate_up, down, "gemv")
+    with pytest.raises(ValueError, match=r"\[in, out\] memory"):
+        shard.gemv(x, gate_up[0].contiguous(), down[0].contiguous(), torch.ones(6, dtype=torch.int64))
+
+
+def test_auto_kernel_on_the_cpu_by_active_experts_and_rows_per_expert() -> None:
+    """Few rows per active expert: the C kernel; else grouped_mm, which visits every local expert on
+    the CPU, where many are active, and the loop where few are; a forced kernel always."""
     experts = 64
     auto = ExpertShard([torch.zeros(experts, 8, 4)], [torch.zeros(experts, 4, 4)])
     few, many = torch.zeros(experts, dtype=torch.int64), torch.ones(experts, dtype=torch.int64)
     few[[3, 17, 40, 63]] = 1
+    assert (auto.kernel_for(few), auto.kernel_for(many)) == ("gemv", "gemv")
+    assert auto.kernel_for(few * 16) == "loop"
+    assert auto.kernel_for(many * 16) == "grouped_mm"
+    auto.gemv = None  # as where no C compiler is found
     assert (auto.kernel_for(few), auto.kernel_for(many)) == ("loop", "grouped_mm")
-    forced = ExpertShard([torch.zeros(experts, 8, 4)], [torch.zeros(experts, 4, 4)], grouped=True)
+    forced = ExpertShard([torch.zeros(experts, 8, 4)], [torch.zeros(experts, 4, 4)], "grouped_mm")
     assert forced.kernel_for(few) == "grouped_mm"
-    assert ExpertShard(forced.gate_up, forced.down, grouped=False).kernel_for(many) == "loop"
+    assert ExpertShard(forced.gate_up, forced.down, "loop").kernel_for(many) == "loop"
+
+
+def test_gemv_kernel_builds_once_per_host_and_falls_back_without_a_compiler(tmp_path, monkeypatch, caplog):
+    """Built into the cache on first use and loaded from it after, without the compiler; a compiler
+    that fails leaves no kernel (torch's GEMMs run) and says why."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    gemv_kernel.load_swiglu_gemv.cache_clear()
+    try:
+        assert gemv_kernel.load_swiglu_gemv() is not None
+        assert len(list((tmp_path / "home" / ".cache" / "moe-cluster").glob("swiglu_gemv-*.so"))) == 1
+        gemv_kernel.load_swiglu_gemv.cache_clear()
+        with monkeypatch.context() as no_compiler:
+            no_compiler.setattr(gemv_kernel.subprocess, "run", None)  # any build would fail
+            assert gemv_kernel.load_swiglu_gemv() is not None
+        gemv_kernel.load_swiglu_gemv.cache_clear()
+        monkeypatch.setenv("CC", "false")  # another compiler, another build: it fails
+        with caplog.at_level(logging.WARNING, logger="experts.gemv_kernel"):
+            assert gemv_kernel.load_swiglu_gemv() is None
+        assert "could not be built" in caplog.text
+        assert ExpertShard([torch.zeros(4, 8, 4)], [torch.zeros(4, 4, 4)]).gemv is None
+    finally:
+        gemv_kernel.load_swiglu_gemv.cache_clear()
 
 
 def test_reslot_copies_held_experts_reads_the_others_and_leaves_the_live_shard_alone(checkpoints) -> None:
@@ -348,7 +409,7 @@ def test_weights_are_held_in_the_memory_order_the_cpu_gemm_reads_fastest(checkpo
     rows = torch.randn(5, built.hidden_size, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(3, generator=gen) for _ in range(5)])
     weights = torch.rand(5, 3, generator=gen)
-    checkpoint_order = ExpertShard(*given)
+    checkpoint_order = ExpertShard(*given, "loop")  # torch's GEMMs, which read either memory order
     checkpoint_order.gate_up, checkpoint_order.down = given
     torch.testing.assert_close(
         built.forward(0, rows, ids, weights), checkpoint_order.forward(0, rows, ids, weights)

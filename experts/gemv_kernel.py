@@ -1,0 +1,109 @@
+"""The decode-sized routed-expert kernel (csrc/swiglu_gemv.c), compiled for this CPU on first use.
+
+It is plain C with no torch headers: the host's C compiler builds it in well under a second, and it is
+called through ctypes, which lets go of the GIL for the call. It is built with -march=native, so the
+library's name carries a hash of the source, the flags and this CPU's model and features: hosts that
+share a home directory never load each other's build. Where no compiler works, `load_swiglu_gemv` says
+why once and returns None, and the experts run on torch's kernels (ExpertShard.kernel_for).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = "swiglu_gemv.c"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+class SwigluGemv:
+    """y = per row, down(silu(gate(x)) * up(x)) of the row's expert, rows grouped by expert."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._call = library.swiglu_experts
+        self._call.restype = ctypes.c_int
+        self._call.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+
+    def __call__(
+        self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """x [R, H] fp32, rows grouped by expert; gate_up [E, 2I, H] and down [E, H, I] fp32 over
+        [in, out] memory (gemm_layout.held_as); counts [E] int64 rows per expert, summing to R."""
+        num, two_i, hidden = gate_up.shape
+        if not (gate_up.transpose(1, 2).is_contiguous() and down.transpose(1, 2).is_contiguous()):
+            raise ValueError("gemv needs weights over [in, out] memory")
+        if x.dtype != torch.float32 or x.shape[1] != hidden or counts.numel() != num:
+            raise ValueError(f"gemv got rows {tuple(x.shape)} {x.dtype} for {num} experts of {hidden}")
+        x, counts = x.contiguous(), counts.to(torch.int64).contiguous()
+        y = torch.empty_like(x)
+        status = self._call(
+            x.data_ptr(), y.data_ptr(), gate_up.data_ptr(), down.data_ptr(), counts.data_ptr(),
+            num, hidden, two_i // 2,
+        )  # fmt: skip
+        if status:
+            raise MemoryError("gemv could not allocate its scratch rows")
+        return y
+
+
+@functools.cache
+def load_swiglu_gemv() -> SwigluGemv | None:
+    """The kernel built for this host (cached under ~/.cache/moe-cluster, else the temp dir), or None
+    where it cannot be built."""
+    source = resources.files("experts").joinpath("csrc", SOURCE).read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: routed experts run on torch's GEMMs")
+        return None
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode() + _cpu_identity()).hexdigest()
+    name = f"swiglu_gemv-{key[:16]}.so"
+    for cache in (Path.home() / ".cache" / "moe-cluster", Path(tempfile.gettempdir()) / "moe-cluster"):
+        try:
+            return SwigluGemv(ctypes.CDLL(str(_built(cache, name, source, compiler))))
+        except (OSError, subprocess.SubprocessError) as error:
+            stderr = getattr(error, "stderr", None)
+            failure = f"{error}: {stderr.decode(errors='replace')[-500:]}" if stderr else str(error)
+    log.warning(
+        "the decode expert kernel could not be built (%s): routed experts run on torch's GEMMs", failure
+    )
+    return None
+
+
+def _built(cache: Path, name: str, source: bytes, compiler: str) -> Path:
+    """cache/name, compiled unless it is there; concurrent builders each write their own file and
+    rename it into place, so a reader never sees half a library."""
+    library = cache / name
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        src = Path(work) / SOURCE
+        src.write_bytes(source)
+        out = Path(work) / name
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120
+        )
+        os.replace(out, library)
+    return library
+
+
+def _cpu_identity() -> bytes:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(wanted)})).encode()
