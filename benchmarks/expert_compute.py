@@ -28,7 +28,7 @@ import torch
 from benchmarks.machine import machine_record, read_bandwidth
 from benchmarks.results import results_path
 from experts.gemm_layout import held_as, reads_transposed
-from experts.gemv_kernel import load_swiglu_gemv
+from experts.gemv_kernel import load_gemv
 from experts.shard import ExpertShard
 
 HIDDEN, INTER, EXPERTS, TOP_K = 512, 256, 64, 4  # benchmarks/engine_vs_transformers.py's experts
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype, kernel, memory in itertools.product((torch.float32, torch.bfloat16), KERNELS, MEMORY):
         transposed = MEMORY[memory]
-        if kernel == "gemv" and not (transposed and dtype == torch.float32 and load_swiglu_gemv()):
+        if kernel == "gemv" and not (transposed and dtype == torch.float32 and load_gemv()):
             continue
         experts = shard(dtype, KERNELS[kernel], transposed, gen)
         default = transposed == reads_transposed(torch.device("cpu"), dtype)

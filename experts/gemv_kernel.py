@@ -1,10 +1,11 @@
-"""The decode-sized routed-expert kernel (csrc/swiglu_gemv.c), compiled for this CPU on first use.
+"""Decode-sized fp32 products on the CPU (csrc/gemv.c), compiled for this CPU on first use: the routed
+SwiGLU experts of a call (ExpertShard) and the router's Linears over a few rows (router/decode_linear.py).
 
 It is plain C with no torch headers: the host's C compiler builds it in well under a second, and it is
 called through ctypes, which lets go of the GIL for the call. It is built with -march=native, so the
 library's name carries a hash of the source, the flags and this CPU's model and features: hosts that
-share a home directory never load each other's build. Where no compiler works, `load_swiglu_gemv` says
-why once and returns None, and the experts run on torch's kernels (ExpertShard.kernel_for).
+share a home directory never load each other's build. Where no compiler works, `load_gemv` says why
+once and returns None, and everything runs on torch's kernels.
 """
 
 from __future__ import annotations
@@ -25,31 +26,36 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = "swiglu_gemv.c"
+SOURCE = "gemv.c"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+# Up to this many rows per weight matrix on average the kernel beats torch's GEMMs: 1.6-2.7x at up to
+# 4 rows per active expert, slower from 8 (benchmarks/results/expert_compute-*.json, kernel `gemv`).
+MAX_ROWS_PER_MATRIX = 6
 
 
-class SwigluGemv:
-    """y = per row, down(silu(gate(x)) * up(x)) of the row's expert, rows grouped by expert."""
+class Gemv:
+    """The compiled kernels. Weights are [out, in] values over [in, out] memory (gemm_layout.held_as)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._call = library.swiglu_experts
-        self._call.restype = ctypes.c_int
-        self._call.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+        self._experts = library.swiglu_experts
+        self._experts.restype = ctypes.c_int
+        self._experts.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+        self._linear = library.linear_rows
+        self._linear.restype = None
+        self._linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
 
-    def __call__(
+    def swiglu_experts(
         self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
-        """x [R, H] fp32, rows grouped by expert; gate_up [E, 2I, H] and down [E, H, I] fp32 over
-        [in, out] memory (gemm_layout.held_as); counts [E] int64 rows per expert, summing to R."""
+        """Per row, down(silu(gate(x)) * up(x)) of the row's expert. x [R, H], rows grouped by expert;
+        gate_up [E, 2I, H]; down [E, H, I]; counts [E] int64 rows per expert, summing to R."""
         num, two_i, hidden = gate_up.shape
-        if not (gate_up.transpose(1, 2).is_contiguous() and down.transpose(1, 2).is_contiguous()):
-            raise ValueError("gemv needs weights over [in, out] memory")
+        _check_memory(gate_up, down)
         if x.dtype != torch.float32 or x.shape[1] != hidden or counts.numel() != num:
             raise ValueError(f"gemv got rows {tuple(x.shape)} {x.dtype} for {num} experts of {hidden}")
         x, counts = x.contiguous(), counts.to(torch.int64).contiguous()
         y = torch.empty_like(x)
-        status = self._call(
+        status = self._experts(
             x.data_ptr(), y.data_ptr(), gate_up.data_ptr(), down.data_ptr(), counts.data_ptr(),
             num, hidden, two_i // 2,
         )  # fmt: skip
@@ -57,27 +63,41 @@ class SwigluGemv:
             raise MemoryError("gemv could not allocate its scratch rows")
         return y
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """F.linear(x, weight) without a bias: x [..., in] fp32, weight [out, in]."""
+        _check_memory(weight)
+        out, width = weight.shape
+        if x.dtype != torch.float32 or x.shape[-1] != width:
+            raise ValueError(f"gemv got rows {tuple(x.shape)} {x.dtype} for a weight of {width} inputs")
+        rows = x.reshape(-1, width).contiguous()
+        y = x.new_empty(*x.shape[:-1], out)
+        self._linear(rows.data_ptr(), y.data_ptr(), weight.data_ptr(), rows.shape[0], width, out)
+        return y
+
+
+def _check_memory(*weights: torch.Tensor) -> None:
+    if not all(w.dtype == torch.float32 and w.transpose(-2, -1).is_contiguous() for w in weights):
+        raise ValueError("gemv needs fp32 weights over [in, out] memory")
+
 
 @functools.cache
-def load_swiglu_gemv() -> SwigluGemv | None:
+def load_gemv() -> Gemv | None:
     """The kernel built for this host (cached under ~/.cache/moe-cluster, else the temp dir), or None
     where it cannot be built."""
     source = resources.files("experts").joinpath("csrc", SOURCE).read_bytes()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: routed experts run on torch's GEMMs")
+        log.warning("no C compiler found: decode runs on torch's GEMMs")
         return None
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode() + _cpu_identity()).hexdigest()
-    name = f"swiglu_gemv-{key[:16]}.so"
+    name = f"gemv-{key[:16]}.so"
     for cache in (Path.home() / ".cache" / "moe-cluster", Path(tempfile.gettempdir()) / "moe-cluster"):
         try:
-            return SwigluGemv(ctypes.CDLL(str(_built(cache, name, source, compiler))))
+            return Gemv(ctypes.CDLL(str(_built(cache, name, source, compiler))))
         except (OSError, subprocess.SubprocessError) as error:
             stderr = getattr(error, "stderr", None)
             failure = f"{error}: {stderr.decode(errors='replace')[-500:]}" if stderr else str(error)
-    log.warning(
-        "the decode expert kernel could not be built (%s): routed experts run on torch's GEMMs", failure
-    )
+    log.warning("the decode GEMV kernel could not be built (%s): decode runs on torch's GEMMs", failure)
     return None
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from experts.checkpoint import CheckpointReader
 from experts.gemm_layout import empty_weights, in_gemm_layout, reads_transposed
-from experts.gemv_kernel import load_swiglu_gemv
+from experts.gemv_kernel import MAX_ROWS_PER_MATRIX, load_gemv
 from experts.kind import ExpertKind
 from experts.layouts import expert_dims, load_layer
 
@@ -18,10 +18,6 @@ PLAIN = ExpertKind()
 # 392-442 us looped against 469-471 grouped, 8 active 732-767 against 758-793, 14-15 active about even
 # (benchmarks/results/expert_compute-20261203T164541Z.json, -164603Z.json).
 CPU_LOOP_MAX_ACTIVE_SHARE = 1 / 6
-# The C kernel (experts/gemv_kernel.py) streams each active expert's weights once for all of its rows:
-# 1.6-2.7x torch's kernels up to 4 rows per active expert on average, slower from 8
-# (benchmarks/results/expert_compute-*.json, the `gemv` kernel).
-GEMV_MAX_ROWS_PER_EXPERT = 6
 KERNELS = ("loop", "grouped_mm", "gemv")
 
 
@@ -80,7 +76,7 @@ class ExpertShard:
         self.gemv = None
         plain_swiglu = kind.activation == "swiglu" and not kind.biases
         if kernel in (None, "gemv") and plain_swiglu and reads_transposed(device, dtype):
-            self.gemv = load_swiglu_gemv()
+            self.gemv = load_gemv()
         if kernel == "gemv" and self.gemv is None:
             raise ValueError(f"the gemv kernel is not available for {dtype} {kind} experts on {device}")
 
@@ -205,7 +201,7 @@ class ExpertShard:
             row_bias = self.gate_up_bias[layer][row_experts], self.down_bias[layer][row_experts]
         kernel = self.kernel_for(counts)
         if kernel == "gemv":
-            y = self.gemv(x, gate_up, down, counts)
+            y = self.gemv.swiglu_experts(x, gate_up, down, counts)
         elif kernel == "grouped_mm":
             y = _grouped_experts(x, gate_up, down, counts, self.activate, row_bias)
         else:
@@ -220,7 +216,7 @@ class ExpertShard:
         if counts.device.type != "cpu":
             return "grouped_mm" if self.grouped else "loop"
         active = int(torch.count_nonzero(counts))
-        if self.gemv is not None and int(counts.sum()) <= GEMV_MAX_ROWS_PER_EXPERT * active:
+        if self.gemv is not None and int(counts.sum()) <= MAX_ROWS_PER_MATRIX * active:
             return "gemv"
         if self.grouped and active > CPU_LOOP_MAX_ACTIVE_SHARE * self.num_local_experts:
             return "grouped_mm"

@@ -349,5 +349,6 @@ class RouterModel(nn.Module):
         for layer in self.model.layers:
             x = yield from layer.run(x, rope, cache, mb.batch, experts, tag)
         x = self.model.norm(x.index_select(0, mb.logits_index))
-        head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-        return F.linear(x, head).float()
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()

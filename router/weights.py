@@ -9,6 +9,7 @@ from experts.checkpoint import CheckpointError, CheckpointReader
 from experts.gemm_layout import in_gemm_layout
 from experts.kind import ExpertKind
 from router.config import ModelConfig, adapter
+from router.decode_linear import use_decode_linears
 from router.layers import RouterModel
 
 # the gates read fp32 states
@@ -26,7 +27,8 @@ def load_router_model(
     reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> RouterModel:
     """The config's architecture adapter's model, every tensor checked against the checkpoint's, every
-    Linear's weight in the memory order its GEMM reads fastest (experts/gemm_layout.py)."""
+    Linear's weight in the memory order its GEMM reads fastest (experts/gemm_layout.py), and small
+    batches on the CPU's decode kernel where it applies (router/decode_linear.py)."""
     family = adapter(config.architecture)
     with torch.device("meta"):
         model = family.Model(config)
@@ -45,6 +47,7 @@ def load_router_model(
         state[name] = in_gemm_layout(tensor) if name in linear else tensor
     model.load_state_dict(state, assign=True)
     model.init_buffers(device)  # built on the meta device above
+    use_decode_linears(model)
     return model.eval()
 
 

@@ -22,6 +22,7 @@ from cluster.demo import FAMILIES, write_checkpoint
 from experts.checkpoint import CheckpointReader
 from experts.shard import ExpertShard
 from router.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
+from router.decode_linear import DecodeLinear
 from router.deepseek_v3 import LatentAttention
 from router.gpt_oss import DEFAULT_THETA
 from router.layers import rope_frequencies
@@ -376,8 +377,9 @@ def test_deepseek_fields_it_does_not_implement_are_load_errors(family_checkpoint
 def test_router_linears_hold_the_checkpoint_in_the_memory_order_their_gemm_reads_fastest(
     family_checkpoints, name
 ) -> None:
-    """fp32 on the CPU: [in, out] memory behind each Linear's [out, in] weight (experts/gemm_layout.py);
-    bf16: the checkpoint's own order. The values are the checkpoint's either way."""
+    """fp32 on the CPU: [in, out] memory behind each Linear's [out, in] weight (experts/gemm_layout.py),
+    and every Linear a DecodeLinear; bf16: the checkpoint's own order, plain Linears. The values are
+    the checkpoint's either way."""
     path = family_checkpoints[name]
     reader, config = CheckpointReader(path), ModelConfig.from_model_dir(path)
     tensors = load_file(path / "model.safetensors")
@@ -386,6 +388,7 @@ def test_router_linears_hold_the_checkpoint_in_the_memory_order_their_gemm_reads
         linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         compared = 0
         for module_name, module in linears.items():
+            assert isinstance(module, DecodeLinear) is transposed, module_name
             weight = module.weight
             assert weight.T.is_contiguous() is transposed and weight.is_contiguous() is not transposed
             stored = tensors.get(f"{module_name}.weight")

@@ -306,7 +306,9 @@ def test_gemv_kernel_is_only_for_plain_fp32_experts_over_in_out_memory() -> None
     assert ExpertShard([gate_up[0].bfloat16()], [down[0].bfloat16()]).gemv is None
     shard = ExpertShard(gate_up, down, "gemv")
     with pytest.raises(ValueError, match=r"\[in, out\] memory"):
-        shard.gemv(x, gate_up[0].contiguous(), down[0].contiguous(), torch.ones(6, dtype=torch.int64))
+        shard.gemv.swiglu_experts(
+            x, gate_up[0].contiguous(), down[0].contiguous(), torch.ones(6, dtype=torch.int64)
+        )
 
 
 def test_auto_kernel_on_the_cpu_by_active_experts_and_rows_per_expert() -> None:
@@ -331,22 +333,22 @@ def test_gemv_kernel_builds_once_per_host_and_falls_back_without_a_compiler(tmp_
     that fails leaves no kernel (torch's GEMMs run) and says why."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    gemv_kernel.load_swiglu_gemv.cache_clear()
+    gemv_kernel.load_gemv.cache_clear()
     try:
-        assert gemv_kernel.load_swiglu_gemv() is not None
-        assert len(list((tmp_path / "home" / ".cache" / "moe-cluster").glob("swiglu_gemv-*.so"))) == 1
-        gemv_kernel.load_swiglu_gemv.cache_clear()
+        assert gemv_kernel.load_gemv() is not None
+        assert len(list((tmp_path / "home" / ".cache" / "moe-cluster").glob("gemv-*.so"))) == 1
+        gemv_kernel.load_gemv.cache_clear()
         with monkeypatch.context() as no_compiler:
             no_compiler.setattr(gemv_kernel.subprocess, "run", None)  # any build would fail
-            assert gemv_kernel.load_swiglu_gemv() is not None
-        gemv_kernel.load_swiglu_gemv.cache_clear()
+            assert gemv_kernel.load_gemv() is not None
+        gemv_kernel.load_gemv.cache_clear()
         monkeypatch.setenv("CC", "false")  # another compiler, another build: it fails
         with caplog.at_level(logging.WARNING, logger="experts.gemv_kernel"):
-            assert gemv_kernel.load_swiglu_gemv() is None
+            assert gemv_kernel.load_gemv() is None
         assert "could not be built" in caplog.text
         assert ExpertShard([torch.zeros(4, 8, 4)], [torch.zeros(4, 4, 4)]).gemv is None
     finally:
-        gemv_kernel.load_swiglu_gemv.cache_clear()
+        gemv_kernel.load_gemv.cache_clear()
 
 
 def test_reslot_copies_held_experts_reads_the_others_and_leaves_the_live_shard_alone(checkpoints) -> None:

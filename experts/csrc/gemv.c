@@ -1,11 +1,12 @@
-/* Routed SwiGLU experts for decode-sized batches on the CPU, fp32.
+/* Decode-sized products on the CPU, fp32: routed SwiGLU experts, and a Linear over a few rows.
  *
- * Decode gives each active expert one to a few rows, so each expert's weights are read once from
- * memory for very little arithmetic: the work is a stream over the weights. The BLAS GEMMs torch
+ * Decode gives each active expert, and each of the router's Linears at a small batch, one to a few
+ * rows, so each weight is read once from memory for very little arithmetic: the work is a stream over
+ * the weights. The BLAS GEMMs torch
  * calls are built for larger products and read cold weights at a fraction of the bandwidth one core
  * has (benchmarks/results/expert_compute-*.json: the `gemv` kernel against `loop` and `grouped_mm`).
- * Here every weight row is read once, in memory order, and multiplied into all of the expert's rows
- * while it is in cache. The hardware prefetcher follows that order; prefetching rows ahead in software
+ * Here every weight row is read once, in memory order, and multiplied into all of the rows while it
+ * is in cache. The hardware prefetcher follows that order; prefetching rows ahead in software
  * measured slower.
  *
  * Weights are [in, out] in memory: gate_up [E][H][2I] (gate in the first I columns, up in the next I),
@@ -28,6 +29,11 @@ static void rows_times(const float *restrict w, int64_t in, int64_t out, const f
             for (int64_t n = 0; n < out; ++n) a[n] += xv * row[n];
         }
     }
+}
+
+/* y[rows][out] = x[rows][in] times w ([in][out] memory): a Linear's weight over a few rows. */
+void linear_rows(const float *x, float *y, const float *w, int64_t rows, int64_t in, int64_t out) {
+    rows_times(w, in, out, x, in, rows, y);
 }
 
 /* y[rows][H] = per row, down(silu(gate(x)) * up(x)) of its expert. Returns 0, or -1 if out of memory. */
