@@ -32,7 +32,7 @@ def references(checkpoints):
     return {name: hf_reference(path, PROMPTS, NEW_TOKENS) for name, path in checkpoints.items()}
 
 
-@pytest.mark.parametrize(("shards", "overlap"), [(1, True), (2, True), (4, True), (2, False)])
+@pytest.mark.parametrize(("shards", "overlap"), [(s, o) for o in (True, False) for s in (1, 2, 4)])
 @pytest.mark.parametrize("name", [*PARITY_CONFIGS, *FAMILY_PARITY_CONFIGS])
 def test_engine_matches_transformers(ray_cluster, checkpoints, references, name, shards, overlap):
     ref_logits, ref_tokens = references[name]
