@@ -82,8 +82,8 @@ def _check_memory(*weights: torch.Tensor) -> None:
 
 @functools.cache
 def load_gemv() -> Gemv | None:
-    """The kernel built for this host (cached under ~/.cache/moe-cluster, else the temp dir), or None
-    where it cannot be built."""
+    """The kernel built for this host (cached under ~/.cache/moe-cluster, else a directory of this
+    user's in the temp dir), or None where it cannot be built."""
     source = resources.files("experts").joinpath("csrc", SOURCE).read_bytes()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -91,7 +91,8 @@ def load_gemv() -> Gemv | None:
         return None
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode() + _cpu_identity()).hexdigest()
     name = f"gemv-{key[:16]}.so"
-    for cache in (Path.home() / ".cache" / "moe-cluster", Path(tempfile.gettempdir()) / "moe-cluster"):
+    private_tmp = Path(tempfile.gettempdir()) / f"moe-cluster-{os.getuid()}"
+    for cache in (Path.home() / ".cache" / "moe-cluster", private_tmp):
         try:
             return Gemv(ctypes.CDLL(str(_built(cache, name, source, compiler))))
         except (OSError, subprocess.SubprocessError) as error:
@@ -103,11 +104,15 @@ def load_gemv() -> Gemv | None:
 
 def _built(cache: Path, name: str, source: bytes, compiler: str) -> Path:
     """cache/name, compiled unless it is there; concurrent builders each write their own file and
-    rename it into place, so a reader never sees half a library."""
+    rename it into place, so a reader never sees half a library. Only a directory that this user owns
+    and nobody else may write is used: a library planted there would run inside the engine."""
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = cache.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o022:
+        raise OSError(f"{cache} is not private to this user")
     library = cache / name
     if library.exists():
         return library
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         src = Path(work) / SOURCE
         src.write_bytes(source)

@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -347,6 +348,11 @@ def test_gemv_kernel_builds_once_per_host_and_falls_back_without_a_compiler(tmp_
             assert gemv_kernel.load_gemv() is None
         assert "could not be built" in caplog.text
         assert ExpertShard([torch.zeros(4, 8, 4)], [torch.zeros(4, 4, 4)]).gemv is None
+        monkeypatch.delenv("CC")
+        (tmp_path / "home" / ".cache" / "moe-cluster").chmod(0o777)  # anyone could plant a library
+        gemv_kernel.load_gemv.cache_clear()
+        assert gemv_kernel.load_gemv() is not None
+        assert list((tmp_path / "tmp" / f"moe-cluster-{os.getuid()}").glob("gemv-*.so")), "built elsewhere"
     finally:
         gemv_kernel.load_gemv.cache_clear()
 
