@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experts.gemm_layout import reads_transposed
 from experts.gemv_kernel import MAX_ROWS_PER_MATRIX, Gemv, load_gemv
 
 
@@ -43,7 +44,8 @@ def use_decode_linears(model: nn.Module) -> int:
 
 
 def _reads_rows(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.t().is_contiguous()
+    """Held over [in, out] memory, where gemm_layout holds it so (fp32 on the CPU)."""
+    return reads_transposed(weight.device, weight.dtype) and weight.t().is_contiguous()
 
 
 def _decode_linear(linear: nn.Linear, gemv: Gemv) -> DecodeLinear:

@@ -94,7 +94,9 @@ class DeepseekGate(MoEGate):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32))
         self.gating = partial(GATING[config.gating], n_group=config.n_group, topk_group=config.topk_group)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return super().forward(x, self.e_score_correction_bias)
 
 

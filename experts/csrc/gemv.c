@@ -2,9 +2,8 @@
  *
  * Decode gives each active expert, and each of the router's Linears at a small batch, one to a few
  * rows, so each weight is read once from memory for very little arithmetic: the work is a stream over
- * the weights. The BLAS GEMMs torch
- * calls are built for larger products and read cold weights at a fraction of the bandwidth one core
- * has (benchmarks/results/expert_compute-*.json: the `gemv` kernel against `loop` and `grouped_mm`).
+ * the weights. The BLAS GEMMs torch calls are built for larger products and read cold weights at a
+ * fraction of the bandwidth one core has (benchmarks/results/expert_compute-*.json: the `gemv` kernel against `loop` and `grouped_mm`).
  * Here every weight row is read once, in memory order, and multiplied into all of the rows while it
  * is in cache. The hardware prefetcher follows that order; prefetching rows ahead in software
  * measured slower.
